@@ -1,0 +1,171 @@
+"""Atomic file replacement: same-directory temp file, fsync, os.replace, directory fsync, cleanup.
+
+It owns the temp-file naming (so the watcher and the start-up cleanup can recognise our own files),
+the errno -> message mapping for write failures, and ownership/mode preservation. No torch here, and
+nothing in this module ever writes to the destination path except through `os.replace`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from ckpt_watchd.errors import WriteFailed
+
+TEMP_PREFIX = ".ckpt-watchd-"
+TEMP_SUFFIX = ".tmp"
+
+_ERRNO_TEXT = {
+    errno.ENOSPC: "disk full (no space left on device)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this filesystem or limit",
+    errno.EROFS: "read-only filesystem",
+    errno.EACCES: "permission denied (cannot write to the directory)",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "I/O error",
+}
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the names `temp_path` makes: the watcher ignores them, start-up removes stale ones."""
+    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+
+
+def temp_path(dest: Path) -> Path:
+    return dest.with_name(f"{TEMP_PREFIX}{dest.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def describe_oserror(e: OSError) -> str:
+    text = _ERRNO_TEXT.get(e.errno or 0)
+    return text if text else (e.strerror or str(e))
+
+
+class RecordingWriter:
+    """A binary file over an fd that remembers the first OSError (torch re-raises it as text)."""
+
+    def __init__(self, fd: int) -> None:
+        self._f: BinaryIO = os.fdopen(fd, "wb", buffering=1 << 20)
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+@contextlib.contextmanager
+def temp_writer(dest: Path) -> Iterator[tuple[Path, RecordingWriter]]:
+    """Create the temp file next to `dest`; on any exception it is removed before re-raising."""
+    tmp = temp_path(dest)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise WriteFailed(f"cannot create a temp file in {dest.parent}: {describe_oserror(e)}") from None
+    writer = RecordingWriter(fd)
+    try:
+        yield tmp, writer
+    except BaseException:
+        with contextlib.suppress(OSError):
+            writer.close()
+        remove_quietly(tmp)
+        raise
+
+
+def finish_write(writer: RecordingWriter) -> None:
+    """Flush and fsync the temp file: after this its bytes survive a power cut."""
+    try:
+        writer.flush()
+        os.fsync(writer.fileno())
+        writer.close()
+    except OSError as e:
+        raise WriteFailed(f"write failed: {describe_oserror(e)}") from None
+
+
+def copy_ownership(tmp: Path, uid: int, gid: int, mode: int) -> None:
+    """Give the temp file the original's owner, group and permission bits."""
+    try:
+        st = os.lstat(tmp)
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.chown(tmp, uid, gid, follow_symlinks=False)
+        os.chmod(tmp, mode & 0o7777)
+    except OSError as e:
+        raise WriteFailed(f"cannot keep the original owner/mode: {describe_oserror(e)}") from None
+
+
+def replace(tmp: Path, dest: Path) -> None:
+    """os.replace then fsync the directory, so the rename itself is durable."""
+    try:
+        os.replace(tmp, dest)
+    except OSError as e:
+        remove_quietly(tmp)
+        raise WriteFailed(f"cannot replace {dest.name}: {describe_oserror(e)}") from None
+    fsync_dir(dest.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete temp files a killed strip left behind in `directory`; returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        if is_temp_name(entry.name) and entry.is_file(follow_symlinks=False):
+            remove_quietly(Path(entry.path))
+            removed.append(Path(entry.path))
+    return removed
+
+
+def sha256_fd(fd: int, chunk: int = 1 << 20) -> str:
+    """Hash a file by pread, without moving the fd's offset or holding more than one chunk."""
+    h = hashlib.sha256()
+    offset = 0
+    while True:
+        block = os.pread(fd, chunk, offset)
+        if not block:
+            break
+        h.update(block)
+        offset += len(block)
+    return h.hexdigest()
+
+
+def sha256_path(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        return sha256_fd(fd)
+    finally:
+        os.close(fd)
