@@ -1,0 +1,103 @@
+"""Worker side: the one boundary where a per-file error becomes an `Outcome` value.
+
+`run_job` is what a worker process (or a one-shot command, in-process) runs for one file: it imports
+the torch side lazily, strips, and turns every exception into a failed Outcome. Nothing here imports
+torch at module level, so the daemon's main process can import this module to describe jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ckpt_watchd.errors import CheckpointError
+from ckpt_watchd.outcome import FAILED, Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class StripJob:
+    path: str
+    output: str | None = None
+    dry_run: bool = False
+    half: bool = False
+    hashes: bool = False
+    archive_dir: str | None = None
+    root: str | None = None
+    attempt: int = 1
+
+
+def run_job(job: StripJob) -> Outcome:
+    """Strip one file; never raises for a problem with the file."""
+    started = time.monotonic()
+    try:
+        from ckpt_watchd import checkpoint
+
+        before_replace = None
+        if job.archive_dir is not None:
+            from ckpt_watchd.archive import Archiver
+
+            before_replace = Archiver(Path(job.archive_dir), Path(job.root) if job.root else None
+                                      ).keep
+        return checkpoint.strip_file(
+            Path(job.path), output=Path(job.output) if job.output else None,
+            dry_run=job.dry_run, half=job.half, hashes=job.hashes, before_replace=before_replace)
+    except CheckpointError as e:
+        return _failed(job, e.kind, e.message, started)
+    except MemoryError:
+        return _failed(job, "memory", "ran out of memory while loading or stripping", started)
+    except OSError as e:
+        return _failed(job, "os", f"{e.strerror or e}", started)
+    except Exception as e:  # a bug or an input we did not foresee: still only this file fails
+        where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+        at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+        return _failed(job, "internal", f"{type(e).__name__}: {e}{at}", started)
+
+
+def _failed(job: StripJob, kind: str, message: str, started: float) -> Outcome:
+    return Outcome(path=job.path, status=FAILED, error_type=kind, error=message,
+                   duration_s=time.monotonic() - started)
+
+
+def inspect_boundary(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """`inspect` for one file: (report, None) or (None, one-line error)."""
+    try:
+        from ckpt_watchd import checkpoint
+
+        return checkpoint.inspect_file(path), None
+    except CheckpointError as e:
+        return None, e.message
+    except MemoryError:
+        return None, "ran out of memory while loading"
+    except Exception as e:
+        return None, f"{type(e).__name__}: {e}"
+
+
+def lower_priority(nice: int, io_idle: bool) -> None:
+    """Make this process yield to training: CPU niceness and the idle I/O class."""
+    if nice:
+        try:
+            os.nice(max(0, nice - os.nice(0)))
+        except OSError:
+            pass
+    if io_idle:
+        _set_io_idle()
+
+
+def _set_io_idle() -> None:
+    # ioprio_set(IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << 13); Python has no binding for it
+    import ctypes
+    import platform
+
+    numbers = {"x86_64": 251, "aarch64": 30, "arm64": 30}
+    nr = numbers.get(platform.machine())
+    if nr is None:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall(nr, 1, 0, 3 << 13)
+    except OSError:
+        pass
