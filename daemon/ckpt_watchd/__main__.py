@@ -4,4 +4,6 @@ import sys
 
 from ckpt_watchd.cli import main
 
-sys.exit(main())
+# Guarded: spawned worker processes import this module as __mp_main__ and must not start a daemon.
+if __name__ == "__main__":
+    sys.exit(main())

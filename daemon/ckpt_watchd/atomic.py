@@ -169,3 +169,18 @@ def sha256_path(path: Path) -> str:
         return sha256_fd(fd)
     finally:
         os.close(fd)
+
+
+def remove_temps_for(dest: Path) -> list[Path]:
+    """Delete the temp files of one destination (after its worker was killed mid-write)."""
+    prefix = f"{TEMP_PREFIX}{dest.name}."
+    removed = []
+    try:
+        entries = list(os.scandir(dest.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if entry.name.startswith(prefix) and entry.name.endswith(TEMP_SUFFIX):
+            remove_quietly(Path(entry.path))
+            removed.append(Path(entry.path))
+    return removed

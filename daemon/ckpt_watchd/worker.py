@@ -8,9 +8,11 @@ torch at module level, so the daemon's main process can import this module to de
 from __future__ import annotations
 
 import os
+import signal
 import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +103,31 @@ def _set_io_idle() -> None:
         libc.syscall(nr, 1, 0, 3 << 13)
     except OSError:
         pass
+
+
+def worker_main(conn: Connection, nice: int, io_idle: bool) -> None:
+    """Entry point of a worker process: strip the jobs the parent sends until the pipe closes."""
+    _die_with_parent()
+    # Ctrl-C reaches the whole process group and systemd may signal the cgroup: the parent decides
+    # when a strip is abandoned (drain timeout), so workers ignore both and exit when the pipe closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    lower_priority(nice, io_idle)
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        conn.send(run_job(job))
+
+
+def _die_with_parent() -> None:
+    # prctl(PR_SET_PDEATHSIG, SIGKILL): a kill -9 of the daemon must not leave workers writing.
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:
+        os._exit(0)

@@ -1,0 +1,185 @@
+"""The worker process pool, seen from the daemon: one thread per slot, one process per thread.
+
+It owns spawning (spawn context: never fork a process that runs watchdog threads), the job timeout,
+crash detection and respawn, idle shutdown of workers (torch costs memory only while there is work),
+and the drain on shutdown. Every job ends in exactly one `on_done(job, outcome)` call, made on a slot
+thread. It never imports torch; the workers do, lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from ckpt_watchd import atomic
+from ckpt_watchd.outcome import FAILED, Outcome
+from ckpt_watchd.worker import StripJob, worker_main
+
+OnDone = Callable[[StripJob, Outcome], None]
+
+
+class _Slot:
+    def __init__(self, pool: WorkerPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.proc: Any = None
+        self.conn: Connection | None = None
+        self.job: StripJob | None = None
+        self.thread = threading.Thread(target=self._loop, name=f"ckpt-watchd-slot-{index}",
+                                       daemon=True)
+
+    def _spawn(self) -> None:
+        parent, child = self.pool.ctx.Pipe()
+        proc = self.pool.ctx.Process(target=worker_main, name=f"ckpt-watchd-worker-{self.index}",
+                                     args=(child, self.pool.nice, self.pool.io_idle), daemon=True)
+        proc.start()
+        child.close()
+        self.proc, self.conn = proc, parent
+
+    def _reap(self, kill: bool) -> None:
+        proc, conn = self.proc, self.conn
+        self.proc = self.conn = None
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()
+        if proc is not None:
+            if kill and proc.is_alive():
+                proc.kill()
+            proc.join(timeout=10)
+
+    def _loop(self) -> None:
+        pool = self.pool
+        while True:
+            try:
+                job = pool.jobs.get(timeout=pool.idle_exit if self.proc is not None else None)
+            except queue.Empty:
+                self._reap(kill=True)  # idle: give torch's memory back until the next job
+                continue
+            if job is None:
+                self._reap(kill=True)
+                return
+            self.job = job
+            outcome = self._run(job)
+            self.job = None
+            pool.finish(job, outcome)
+
+    def _run(self, job: StripJob) -> Outcome:
+        pool = self.pool
+        started = time.monotonic()
+        try:
+            if self.proc is None or not self.proc.is_alive():
+                if self.proc is not None:
+                    self._reap(kill=True)
+                self._spawn()
+            assert self.conn is not None
+            self.conn.send(job)
+            if self.conn.poll(pool.job_timeout):
+                result: Outcome = self.conn.recv()
+                return result
+            reason = (f"timed out after {pool.job_timeout:g}s (worker killed)"
+                      if not pool.cancelling.is_set() else "cancelled at shutdown (worker killed)")
+            kind = "timeout" if not pool.cancelling.is_set() else "cancelled"
+        except (EOFError, OSError, BrokenPipeError):
+            code = self.proc.exitcode if self.proc is not None else None
+            if self.proc is not None and code is None:
+                self.proc.join(timeout=5)
+                code = self.proc.exitcode
+            if pool.cancelling.is_set():
+                kind, reason = "cancelled", "cancelled at shutdown (worker killed)"
+            else:
+                kind, reason = "crash", _crash_text(code)
+        self._reap(kill=True)
+        pool.restarts += 1
+        atomic.remove_temps_for(Path(job.output or job.path))
+        return Outcome(path=job.path, status=FAILED, error_type=kind, error=reason,
+                       duration_s=time.monotonic() - started)
+
+    def cancel(self) -> None:
+        """Kill the worker mid-job (the slot thread then reports the job as cancelled)."""
+        proc = self.proc
+        if proc is not None and proc.is_alive():
+            proc.kill()
+
+
+def _crash_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"worker crashed: killed by {name}{hint}"
+    return f"worker crashed (exit code {code})"
+
+
+class WorkerPool:
+    def __init__(self, size: int, *, job_timeout: float, on_done: OnDone, nice: int = 10,
+                 io_idle: bool = True, idle_exit: float = 120.0, start_method: str = "spawn") -> None:
+        self.ctx = multiprocessing.get_context(start_method)
+        self.job_timeout = job_timeout
+        self.nice = nice
+        self.io_idle = io_idle
+        self.idle_exit = idle_exit
+        self.on_done = on_done
+        self.jobs: queue.Queue[StripJob | None] = queue.Queue()
+        self.cancelling = threading.Event()
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._slots = [_Slot(self, i) for i in range(size)]
+        for s in self._slots:
+            s.thread.start()
+
+    def submit(self, job: StripJob) -> None:
+        with self._lock:
+            self._in_flight += 1
+        self.jobs.put(job)
+
+    def finish(self, job: StripJob, outcome: Outcome) -> None:
+        with self._lock:
+            self._in_flight -= 1
+        self.on_done(job, outcome)
+
+    def pending(self) -> int:
+        """Jobs submitted and not finished yet (queued or running)."""
+        with self._lock:
+            return self._in_flight
+
+    def queue_depth(self) -> int:
+        return self.jobs.qsize()
+
+    def alive(self) -> bool:
+        return all(s.thread.is_alive() for s in self._slots)
+
+    def shutdown(self, drain_timeout: float) -> list[StripJob]:
+        """Let running jobs finish for up to `drain_timeout`, then kill them; returns unstarted jobs."""
+        unstarted: list[StripJob] = []
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                unstarted.append(job)
+                with self._lock:
+                    self._in_flight -= 1
+        for _ in self._slots:
+            self.jobs.put(None)
+        deadline = time.monotonic() + drain_timeout
+        for s in self._slots:
+            s.thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if any(s.thread.is_alive() for s in self._slots):
+            self.cancelling.set()
+            for s in self._slots:
+                s.cancel()
+            for s in self._slots:
+                s.thread.join(timeout=10)
+        return unstarted

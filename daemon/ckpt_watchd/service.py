@@ -1,0 +1,506 @@
+"""The daemon's one stateful loop: hints -> tracker -> pool -> outcomes -> state + audit.
+
+It owns the clock, the stop flag, signal handling and the lifecycle (start-up scan, READY, reconcile,
+drain, daemon.stopped). `step(now, wall)` does one round of work and returns the next deadline, so
+tests drive it with a fake clock, a fake pool and no threads; `run()` only sleeps until that deadline
+or a wake-up. Everything it learns from other threads arrives through `Hints` and the outcome queue.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from ckpt_watchd import atomic, audit, paths, watcher
+from ckpt_watchd.errors import StartupError
+from ckpt_watchd.outcome import FAILED, SKIPPED, STRIPPED, WOULD_STRIP, Outcome
+from ckpt_watchd.settings import Settings
+from ckpt_watchd.state import StateStore
+from ckpt_watchd.tracker import DONE, SETTLING, Tracker
+from ckpt_watchd.worker import StripJob
+
+log = structlog.get_logger("ckpt_watchd.service")
+
+# Outcomes that mean "a trainer is (or was just) writing": not an error, look again later.
+_ACTIVE_KINDS = frozenset({"torn", "changed"})
+_POLL_FALLBACK = 30.0
+
+
+class Pool(Protocol):
+    def submit(self, job: StripJob) -> None: ...
+    def pending(self) -> int: ...
+    def queue_depth(self) -> int: ...
+    def alive(self) -> bool: ...
+    def shutdown(self, drain_timeout: float) -> list[StripJob]: ...
+
+    restarts: int
+
+
+@dataclass(slots=True)
+class _RunWork:
+    """One finished run being stripped: which files are still out, and how they went."""
+
+    files: dict[str, tuple[int, int, int]]  # path -> fingerprint when submitted
+    outcomes: list[Outcome] = field(default_factory=list)
+    claims: dict[str, Any] = field(default_factory=dict)
+    again: bool = False
+
+
+class Service:
+    def __init__(self, settings: Settings, *, store: StateStore, auditor: audit.Auditor,
+                 pool_factory: Callable[[Callable[[StripJob, Outcome], None]], Pool],
+                 hints: watcher.Hints | None = None, wake: threading.Event | None = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 probe: Callable[[Path], watcher.Probe] | None = None,
+                 find: Callable[..., Iterable[Path]] = watcher.find_weights_dirs,
+                 cadence: Callable[[Path, float | None], float | None] = watcher.cadence_hint,
+                 claimer: Any = None, notifier: Any = None, metrics: Any = None) -> None:
+        self.s = settings
+        self.store = store
+        self.auditor = auditor
+        self.clock, self.wall = clock, wall
+        self.wake = wake or threading.Event()
+        self.hints = hints or watcher.Hints(self.wake)
+        self.outcomes: queue.SimpleQueue[tuple[StripJob, Outcome]] = queue.SimpleQueue()
+        self.pool = pool_factory(self._on_done)
+        self.tracker = Tracker(settle=settings.settle)
+        self._probe = probe or (lambda wdir: watcher.probe(wdir, settings.files))
+        self._find = find
+        self._cadence = cadence
+        self.claimer = claimer
+        self.notifier = notifier
+        self.metrics = metrics
+        self.stop_event = threading.Event()
+        self.reopen_requested = False
+        self.work: dict[Path, _RunWork] = {}  # weights dir -> its files out for stripping
+        self.counts = {"stripped": 0, "skipped": 0, "failed": 0, "would_strip": 0,
+                       "bytes_saved": 0, "runs_finished": 0}
+        self.watcher: watcher.Watcher | None = None
+        self.next_reconcile = 0.0
+        self.last_reconcile_wall: float | None = None
+        self._skip = [p for p in (settings.state_dir, settings.archive_dir) if p is not None]
+        self._sigints = 0
+
+    # ------------------------------------------------------------------ threads -> loop
+
+    def _on_done(self, job: StripJob, outcome: Outcome) -> None:
+        """Called on a pool thread: hand the outcome to the loop."""
+        self.outcomes.put((job, outcome))
+        self.wake.set()
+
+    # ------------------------------------------------------------------ one round
+
+    def step(self, now: float, wall: float) -> float | None:
+        """Do everything that is due at `now`; return when to be called again (None: on events)."""
+        if self.reopen_requested:
+            self.reopen_requested = False
+            self.auditor.reopen()
+        while True:
+            try:
+                job, outcome = self.outcomes.get_nowait()
+            except queue.Empty:
+                break
+            self._handle(job, outcome, now, wall)
+        runs, subtrees = self.hints.drain()
+        for sub in subtrees:
+            runs.update(self._runs_under(sub))
+        if now >= self.next_reconcile:
+            runs.update(self.reconcile(now, wall))
+        for run in runs:
+            self._observe(run, now, wall)
+        if not self.stop_event.is_set():
+            for run in self.tracker.due(now):
+                self._start_run(Path(run), now, wall)
+            self._retry_due(now, wall)
+        self._report()
+        deadlines = [d for d in (self.tracker.next_deadline(), self.next_reconcile,
+                                 self._wall_to_mono(self.store.next_retry_at(), now, wall))
+                     if d is not None]
+        return min(deadlines) if deadlines else None
+
+    @staticmethod
+    def _wall_to_mono(at: float | None, now: float, wall: float) -> float | None:
+        return None if at is None else now + (at - wall)
+
+    def _runs_under(self, folder: Path) -> set[Path]:
+        return set(self._find(self.s.root, self.s.pattern, below=folder, skip=self._skip))
+
+    def reconcile(self, now: float, wall: float) -> set[Path]:
+        """Every weights folder on disk now; runs we track that vanished are forgotten."""
+        interval = self.s.rescan_interval
+        if self.s.poll is not None:
+            interval = self.s.poll
+        elif self.watcher is not None and self.watcher.mode == "polling":
+            interval = min(interval, _POLL_FALLBACK)
+        self.next_reconcile = now + interval
+        found = set(self._find(self.s.root, self.s.pattern, skip=self._skip))
+        for run in self.tracker.runs():
+            if Path(run) not in found and not os.path.lexists(run):
+                self._forget(Path(run), wall)
+        self.last_reconcile_wall = wall
+        if self.metrics is not None:
+            self.metrics.scan_completed(wall)
+        return found
+
+    def _forget(self, wdir: Path, wall: float) -> None:
+        self.tracker.forget(str(wdir))
+        self.store.forget_run(str(wdir.parent))
+        self.auditor.emit(audit.RUN_FORGOTTEN, run=str(wdir.parent))
+
+    def _observe(self, wdir: Path, now: float, wall: float) -> None:
+        key, run = str(wdir), str(wdir.parent)
+        if not os.path.lexists(wdir):
+            if key in self.tracker.runs():
+                self._forget(wdir, wall)
+            return
+        rel = paths.relative_to(wdir.parent, self.s.root)
+        if rel is None or paths.is_excluded(rel, self.s.exclude):
+            return
+        p = self._probe(wdir)
+        known = self.tracker.view(key, now)
+        if known is None:
+            row = self.store.get_run(run)
+            if row is None:
+                self.auditor.emit(audit.RUN_DISCOVERED, run=run)
+                if not self.s.dry_run:
+                    self.store.upsert_run(run, state="watching", now=wall)
+            hint = self._cadence(wdir.parent, p.newest_mtime)
+            stored = row.cadence_s if row is not None else None
+            hints = [h for h in (hint, stored) if h is not None]
+            age = None if p.newest_mtime is None else wall - p.newest_mtime
+            self.tracker.observe(key, p.obs, now, age=age,
+                                 cadence_hint=max(hints) if hints else None)
+        else:
+            self.tracker.observe(key, p.obs, now)
+
+    # ------------------------------------------------------------------ a finished run
+
+    def _start_run(self, wdir: Path, now: float, wall: float) -> None:
+        key, run = str(wdir), str(wdir.parent)
+        view = self.tracker.view(key, now)
+        p = self._probe(wdir)
+        if p.kept:
+            self.tracker.finished(key, p.obs.key)
+            if not self.s.dry_run:
+                self.store.upsert_run(run, state="kept", now=wall, reason=paths.KEEP_MARKER)
+            self.auditor.emit(audit.RUN_KEPT, run=run, reason=f"{paths.KEEP_MARKER} present")
+            return
+        todo: dict[str, tuple[int, int, int]] = {}
+        attempts: dict[str, int] = {}
+        for name, _kind, ino, size, mtime_ns in p.obs.key:  # type: ignore[misc]
+            path = str(wdir / name)
+            fp = (ino, size, mtime_ns)
+            if self.store.already_done(path, fp, dry_run=self.s.dry_run) or \
+                    self.store.given_up_on(path, fp):
+                continue
+            row = self.store.checkpoint(path)
+            attempts[path] = (row.attempts + 1 if row is not None and row.status == FAILED
+                              and row.fingerprint in (None, fp) else 1)
+            todo[path] = fp
+        if not todo:
+            self.tracker.finished(key, p.obs.key)
+            return
+        quiet = view.quiet_s if view else self.s.settle
+        cadence = view.cadence_s if view else 0.0
+        self.auditor.emit(audit.RUN_FINISHED, run=run, quiet_s=round(quiet, 3),
+                          cadence_s=round(cadence, 3), files=sorted(todo))
+        if not self.s.dry_run:
+            self.store.upsert_run(run, state="finished", now=wall, cadence_s=cadence)
+        self.counts["runs_finished"] += 1
+        work = _RunWork(files=dict(todo))
+        self.work[wdir] = work
+        for path in sorted(todo, key=lambda s: not s.endswith("last.pt")):
+            self._submit(wdir, work, path, attempts[path], wall)
+
+    def _submit(self, wdir: Path, work: _RunWork, path: str, attempt: int, wall: float) -> None:
+        if self.claimer is not None and not self.s.dry_run:
+            claim = self.claimer(Path(path), wall)
+            if claim is None:  # another daemon on this shared root is on it
+                work.files.pop(path, None)
+                work.again = True
+                if not work.files:
+                    self._end_run(wdir, work, self.clock(), wall)
+                return
+            work.claims[path] = claim
+        self.pool.submit(StripJob(
+            path=path, dry_run=self.s.dry_run, hashes=True, attempt=attempt, root=str(self.s.root),
+            archive_dir=str(self.s.archive_dir) if self.s.archive_dir else None))
+
+    def _handle(self, job: StripJob, outcome: Outcome, now: float, wall: float) -> None:
+        wdir = Path(job.path).parent
+        work = self.work.get(wdir)
+        fp = work.files.get(job.path) if work else None
+        claim = work.claims.pop(job.path, None) if work else None
+        if claim is not None:
+            claim.release()
+        self._record(job, outcome, wdir.parent, fp, now, wall)
+        if work is None:
+            return
+        work.outcomes.append(outcome)
+        work.files.pop(job.path, None)
+        if outcome.status == FAILED and outcome.error_type in _ACTIVE_KINDS:
+            work.again = True
+        if not work.files:
+            self._end_run(wdir, work, now, wall)
+
+    def _record(self, job: StripJob, o: Outcome, run: Path, fp: tuple[int, int, int] | None,
+                now: float, wall: float) -> None:
+        r = str(run)
+        if self.metrics is not None:
+            self.metrics.record_outcome(o)
+        if o.status == FAILED and o.error_type in _ACTIVE_KINDS:
+            # a trainer is writing: not an error, the run settles again
+            self.auditor.emit(audit.CKPT_SKIPPED, path=o.path, run=r,
+                              reason=f"{o.error}; will look again after the next quiet period")
+            self.counts["skipped"] += 1
+            return
+        if o.status == FAILED and o.error_type == "cancelled":
+            self.auditor.emit(audit.CKPT_FAILED, path=o.path, run=r, error_type="cancelled",
+                              error=o.error, attempt=job.attempt)
+            return  # not an attempt: the next start looks at it again
+        event, fields = audit.outcome_event(o, run=r, attempt=job.attempt)
+        if o.status == FAILED:
+            final = job.attempt >= self.s.max_attempts or self.s.dry_run
+            fields["final"] = final
+            if not self.s.dry_run:
+                if final:
+                    self.store.give_up(o.path, run=r, now=wall, attempt=job.attempt,
+                                       error_type=o.error_type or "error", error=o.error or "",
+                                       fingerprint=fp)
+                else:
+                    at = wall + self.s.retry_backoff * 2 ** (job.attempt - 1)
+                    self.store.schedule_retry(o.path, run=r, at=at, attempt=job.attempt,
+                                              error_type=o.error_type or "error",
+                                              error=o.error or "", now=wall, fingerprint=fp)
+                    fields["retry_in_s"] = round(at - wall, 3)
+        elif not self.s.dry_run or o.status == WOULD_STRIP:
+            self.store.record_outcome(o, run=r, now=wall, attempt=job.attempt)
+        self.auditor.emit(event, **fields)
+        self.counts[o.status] = self.counts.get(o.status, 0) + 1
+        if o.status == STRIPPED and o.bytes_before and o.bytes_after:
+            self.counts["bytes_saved"] += o.bytes_before - o.bytes_after
+
+    def _end_run(self, wdir: Path, work: _RunWork, now: float, wall: float) -> None:
+        self.work.pop(wdir, None)
+        if work.again:
+            self.tracker.look_again(str(wdir), now)
+            return
+        self.tracker.finished(str(wdir), self._probe(wdir).obs.key)
+        if self.s.dry_run:
+            return
+        failed = [o for o in work.outcomes if o.status == FAILED]
+        stripped = [o for o in work.outcomes if o.status == STRIPPED]
+        run = str(wdir.parent)
+        self.store.upsert_run(run, state="failed" if failed else "stripped", now=wall,
+                              reason=failed[0].error if failed else None)
+        if stripped and self.s.on_stripped:
+            self._run_hook(run, stripped)
+
+    def _run_hook(self, run: str, stripped: list[Outcome]) -> None:
+        from ckpt_watchd import hooks
+
+        files = [(o.path, o.bytes_before or 0, o.bytes_after or 0) for o in stripped]
+        cmd = self.s.on_stripped
+        assert cmd is not None
+
+        def go() -> None:
+            res = hooks.run_hook(cmd, shell=self.s.on_stripped_shell, timeout=self.s.hook_timeout,
+                                 run_dir=run, files=files)
+            if res.ok:
+                self.auditor.emit("hook.ran", run=run, duration_s=round(res.duration_s, 3))
+            else:
+                self.auditor.emit("hook.failed", run=run, error=res.error,
+                                  returncode=res.returncode)
+
+        threading.Thread(target=go, name="ckpt-watchd-hook", daemon=True).start()
+
+    def _retry_due(self, now: float, wall: float) -> None:
+        if self.s.once:
+            return
+        for row in self.store.retries_due(wall):
+            wdir = Path(row.path).parent
+            if wdir in self.work:
+                continue
+            view = self.tracker.view(str(wdir), now)
+            if view is None or view.phase != DONE:
+                continue  # written again, or not seen yet: the settle path takes it from here
+            p = self._probe(wdir)
+            match = [k for k in p.obs.key if str(wdir / k[0]) == row.path]
+            self.tracker.observe(str(wdir), p.obs, now)
+            if not match or not self.tracker.hand(str(wdir)):
+                continue  # gone, or changed since: it settles again first
+            _n, _k, ino, size, mtime_ns = match[0]  # type: ignore[misc]
+            work = _RunWork(files={row.path: (ino, size, mtime_ns)})
+            self.work[wdir] = work
+            self._submit(wdir, work, row.path, row.attempts + 1, wall)
+
+    # ------------------------------------------------------------------ reporting
+
+    def _report(self) -> None:
+        settling = self.tracker.count(SETTLING)
+        if self.metrics is not None:
+            self.metrics.set_gauges(runs_watched=len(self.tracker.runs()), runs_settling=settling,
+                                    queue_depth=self.pool.pending())
+        if self.notifier is not None:
+            self.notifier.status(
+                f"watching {len(self.tracker.runs())} runs, {settling} settling, "
+                f"{self.pool.pending()} queued; stripped {self.counts['stripped']}, "
+                f"failed {self.counts['failed']}")
+
+    def healthy(self) -> tuple[bool, str]:
+        if self.watcher is not None and not self.watcher.alive():
+            return False, "file watcher is not running"
+        if not self.pool.alive():
+            return False, "worker pool is not running"
+        if self.last_reconcile_wall is not None:
+            late = self.wall() - self.last_reconcile_wall
+            limit = 3 * (self.s.poll or self.s.rescan_interval) + 60
+            if late > limit:
+                return False, f"no reconcile for {late:.0f}s"
+        return True, "ok"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def request_stop(self, *_: Any) -> None:
+        self.stop_event.set()
+        self.wake.set()
+
+    def on_sigint(self, *_: Any) -> None:
+        self._sigints += 1
+        if self._sigints > 1:
+            # second Ctrl-C: leave now; every write is atomic, workers die with us (PDEATHSIG)
+            os._exit(130)
+        self.request_stop()
+
+    def on_sighup(self, *_: Any) -> None:
+        self.reopen_requested = True
+        self.wake.set()
+
+    def start(self) -> None:
+        """Start watching, then the start-up scan: stale temps removed, every run looked at."""
+        now, wall = self.clock(), self.wall()
+        self.auditor.emit(audit.DAEMON_STARTED, root=str(self.s.root), pid=os.getpid(),
+                          settings=self.s.as_dict())
+        self.watcher = watcher.Watcher(self.s.root, self.s.pattern, self.s.files, self.hints,
+                                       ignore=self._skip, warn=self.warn)
+        if self.s.poll is None and not self.s.once:
+            self.watcher.start()
+        else:
+            self.watcher.mode = "polling"
+        runs = self.reconcile(now, wall)
+        if not self.s.dry_run:
+            for run in runs:
+                for tmp in atomic.remove_stale_temps(run):
+                    log.info("removed stale temp file", path=str(tmp))
+        for run in runs:
+            self._observe(run, now, wall)
+
+    def warn(self, message: str) -> None:
+        self.auditor.emit(audit.WARNING, message=message)
+
+    def run(self) -> int:
+        """Loop until stopped (or, with --once, until every quiet run is done)."""
+        self.start()
+        if self.notifier is not None:
+            self.notifier.ready()
+        ping = self.notifier.watchdog_interval() if self.notifier is not None else None
+        next_ping = self.clock()
+        while not self.stop_event.is_set():
+            now = self.clock()
+            deadline = self.step(now, self.wall())
+            if self.s.once and not self.work and self.pool.pending() == 0 and \
+                    self.outcomes.empty():
+                break
+            if self.watcher is not None and self.watcher.mode == "inotify" and \
+                    not self.watcher.alive():
+                self.watcher.degrade("the inotify observer thread died")
+                self.next_reconcile = now
+            if ping is not None and now >= next_ping:
+                healthy, _why = self.healthy()
+                if healthy:
+                    self.notifier.watchdog()
+                next_ping = now + ping
+            waits = [d - now for d in (deadline, next_ping if ping else None) if d is not None]
+            self.wake.wait(timeout=max(0.0, min(waits)) if waits else None)
+            self.wake.clear()
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        if self.notifier is not None:
+            self.notifier.stopping()
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.pool.shutdown(self.s.drain_timeout)
+        now, wall = self.clock(), self.wall()
+        while True:
+            try:
+                job, outcome = self.outcomes.get_nowait()
+            except queue.Empty:
+                break
+            self._handle(job, outcome, now, wall)
+        self.auditor.emit(audit.DAEMON_STOPPED, **self.counts)
+        return 1 if (self.s.once and self.counts["failed"]) else 0
+
+
+def _default_claimer(settings: Settings) -> Callable[[Path, float], Any]:
+    from ckpt_watchd import claim
+
+    host, pid = socket.gethostname(), os.getpid()
+
+    def take(path: Path, wall: float) -> Any:
+        return claim.try_claim(path, host=host, pid=pid, now=wall,
+                               stale_after=settings.claim_timeout)
+
+    return take
+
+
+def run_daemon(settings: Settings) -> int:
+    """Build the real service around a settings object and run it in the foreground."""
+    from ckpt_watchd.notify import Notifier
+    from ckpt_watchd.pool import WorkerPool
+
+    audit.configure_logging(settings.log_format, settings.log_level)
+    if not settings.root.is_dir():
+        raise StartupError(f"--root: {settings.root} is not a directory")
+    if not os.access(settings.root, os.R_OK | os.X_OK):
+        raise StartupError(f"--root: {settings.root} is not readable")
+    store = StateStore.open(settings.state_db)
+    auditor = audit.Auditor.open(settings.audit_log)
+    metrics = server = None
+    if settings.metrics_addr:
+        from ckpt_watchd import metrics as metrics_mod
+
+        metrics = metrics_mod.Metrics()
+    notifier = Notifier.from_env()
+
+    def make_pool(on_done: Callable[[StripJob, Outcome], None]) -> Pool:
+        return WorkerPool(settings.workers, job_timeout=settings.job_timeout, on_done=on_done,
+                          nice=settings.nice, io_idle=settings.io_idle)
+
+    svc = Service(settings, store=store, auditor=auditor, pool_factory=make_pool,
+                  claimer=_default_claimer(settings), notifier=notifier, metrics=metrics)
+    if metrics is not None and settings.metrics_addr:
+        from ckpt_watchd import metrics as metrics_mod
+
+        server = metrics_mod.serve(settings.metrics_addr, metrics, svc.healthy)
+    signal.signal(signal.SIGTERM, svc.request_stop)
+    signal.signal(signal.SIGINT, svc.on_sigint)
+    signal.signal(signal.SIGHUP, svc.on_sighup)
+    try:
+        return svc.run()
+    finally:
+        if server is not None:
+            server.close()
+        notifier.close()
+        auditor.close()
+        store.close()

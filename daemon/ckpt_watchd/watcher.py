@@ -1,0 +1,248 @@
+"""Watchdog adapter and the filesystem scan; both only say *where* to look, never what happened.
+
+The observer thread turns events into run-folder hints (deduplicated, so an event storm costs one
+queue entry per run); the start-up scan and the periodic reconcile find weights folders with the same
+path rules. `probe` stats one run's checkpoint files. Nothing here decides anything or imports torch,
+and symlinks are never followed out of the root.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ckpt_watchd import paths
+from ckpt_watchd.tracker import Observation
+
+log = structlog.get_logger("ckpt_watchd.watcher")
+
+_START_FILES = ("args.yaml", "opt.yaml", "hyp.yaml")
+
+
+# ------------------------------------------------------------------------------ scanning
+
+
+def find_weights_dirs(root: Path, patterns: Iterable[str], *, below: Path | None = None,
+                      skip: Iterable[Path] = ()) -> Iterator[Path]:
+    """Weights folders matching the patterns, under `below` (default: the whole root).
+
+    A level-by-level scandir walk that never follows symlinks and never descends into our own
+    state/archive folders or temp names.
+    """
+    skip_set = set(skip)
+    start = below or root
+    rel = paths.relative_to(start, root)
+    if rel is None:
+        return
+    rel_parts = "/".join(rel.parts)
+    todo = paths.remaining_patterns(rel_parts, patterns) if rel_parts else list(patterns)
+    if rel_parts and paths.is_weights_dir(rel_parts, patterns):
+        yield start
+    seen: set[Path] = set()
+    for pattern in todo:
+        for d in _walk_pattern(start, [p for p in pattern.split("/") if p], skip_set):
+            if d not in seen:
+                seen.add(d)
+                yield d
+
+
+def _walk_pattern(base: Path, parts: list[str], skip: set[Path]) -> Iterator[Path]:
+    import fnmatch
+
+    level = [base]
+    for i, part in enumerate(parts):
+        nxt = []
+        for d in level:
+            if not any(ch in part for ch in "*?["):
+                cand = d / part
+                if _is_real_dir(cand) and cand not in skip:
+                    nxt.append(cand)
+                continue
+            try:
+                entries = list(os.scandir(d))
+            except OSError:
+                continue
+            for e in entries:
+                if (e.name.startswith(paths.TEMP_PREFIX) or not fnmatch.fnmatchcase(e.name, part)
+                        or not e.is_dir(follow_symlinks=False)):
+                    continue
+                p = Path(e.path)
+                if p not in skip:
+                    nxt.append(p)
+        level = nxt
+        if i == len(parts) - 1:
+            yield from level
+
+
+def _is_real_dir(p: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(p).st_mode)
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One look at a run: its checkpoint files now, and what its own records say about cadence."""
+
+    obs: Observation
+    newest_mtime: float | None  # wall clock seconds, for the age of a run found at start-up
+    kept: bool
+
+
+def probe(wdir: Path, files: Iterable[str]) -> Probe:
+    """Stat a weights folder's checkpoint files (never following symlinks) and the keep marker."""
+    key: list[tuple[Any, ...]] = []
+    newest = 0
+    for name in files:
+        try:
+            st = os.lstat(wdir / name)
+        except OSError:
+            continue
+        kind = "f" if stat.S_ISREG(st.st_mode) else "x"
+        key.append((name, kind, st.st_ino, st.st_size, st.st_mtime_ns))
+        newest = max(newest, st.st_mtime_ns)
+    kept = any(os.path.lexists(d / paths.KEEP_MARKER) for d in (wdir, wdir.parent))
+    return Probe(Observation(tuple(key), newest), newest / 1e9 if key else None, kept)
+
+
+def cadence_hint(run_dir: Path, newest_mtime: float | None) -> float | None:
+    """Average epoch time from the run's own files: (last write - start) / epochs in results.csv.
+
+    Used until two writes have been seen, so a run found mid-training at start-up with slow epochs
+    is not mistaken for a finished one.
+    """
+    if newest_mtime is None:
+        return None
+    starts = []
+    for name in _START_FILES:
+        try:
+            starts.append(os.lstat(run_dir / name).st_mtime)
+        except OSError:
+            pass
+    if not starts:
+        return None
+    try:
+        with open(run_dir / "results.csv", "rb") as f:
+            rows = sum(1 for line in f.read(4 << 20).splitlines() if line.strip()) - 1
+    except OSError:
+        rows = 0
+    epochs = max(1, rows)
+    return max(0.0, (newest_mtime - min(starts)) / epochs)
+
+
+# ------------------------------------------------------------------------------ the observer
+
+
+class Hints:
+    """Run folders someone should look at, deduplicated; filled by the observer thread."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        self._lock = threading.Lock()
+        self._runs: set[Path] = set()
+        self._subtrees: set[Path] = set()
+        self._wake = wake
+
+    def add_run(self, run: Path) -> None:
+        with self._lock:
+            fresh = run not in self._runs
+            self._runs.add(run)
+        if fresh:
+            self._wake.set()
+
+    def add_subtree(self, folder: Path) -> None:
+        with self._lock:
+            self._subtrees.add(folder)
+        self._wake.set()
+
+    def drain(self) -> tuple[set[Path], set[Path]]:
+        with self._lock:
+            runs, subtrees = self._runs, self._subtrees
+            self._runs, self._subtrees = set(), set()
+        return runs, subtrees
+
+
+class Watcher:
+    """A watchdog observer on the root that feeds `Hints`; falls back to polling when it cannot."""
+
+    def __init__(self, root: Path, patterns: tuple[str, ...], files: tuple[str, ...],
+                 hints: Hints, ignore: Iterable[Path], warn: Callable[[str], None]) -> None:
+        self.root = root
+        self.patterns = patterns
+        self.files = frozenset(files)
+        self.hints = hints
+        self.ignore = tuple(p for p in ignore if p is not None)
+        self._warn = warn
+        self._observer: Any = None
+        self.mode = "polling"
+
+    def start(self) -> None:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        watcher = self
+
+        class Handler(FileSystemEventHandler):  # type: ignore[misc]
+            def on_any_event(self, event: Any) -> None:
+                watcher.on_event(event)
+
+        try:
+            observer = Observer()
+            observer.schedule(Handler(), str(self.root), recursive=True)
+            observer.start()
+        except OSError as e:
+            self._warn(f"cannot watch {self.root} with inotify ({e.strerror or e}); "
+                       f"falling back to polling the tree (raise fs.inotify.max_user_watches "
+                       f"to avoid this)")
+            self.mode = "polling"
+            return
+        self._observer = observer
+        self.mode = "inotify"
+
+    def alive(self) -> bool:
+        """False once the observer thread died (e.g. inotify ran out of watches mid-run)."""
+        if self._observer is None:
+            return self.mode == "polling"
+        return bool(self._observer.is_alive())
+
+    def degrade(self, why: str) -> None:
+        self._warn(f"file watching stopped ({why}); falling back to polling the tree")
+        self.stop()
+        self.mode = "polling"
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+
+    def on_event(self, event: Any) -> None:
+        """Runs on the observer thread: only path arithmetic and a set insert."""
+        for raw in (getattr(event, "src_path", None), getattr(event, "dest_path", None)):
+            if not raw:
+                continue
+            path = Path(os.fsdecode(raw))
+            if paths.is_own_file(path.name) or any(paths.is_inside(path, d) for d in self.ignore):
+                continue
+            rel = paths.relative_to(path, self.root)
+            if rel is None:
+                continue
+            if event.is_directory:
+                if paths.is_weights_dir(rel, self.patterns):
+                    self.hints.add_run(path)
+                elif paths.could_contain_weights_dir(rel, self.patterns):
+                    self.hints.add_subtree(path)
+                continue
+            parent = rel.parent
+            if path.name in self.files and paths.is_weights_dir(parent, self.patterns):
+                self.hints.add_run(path.parent)
+            elif path.name == paths.KEEP_MARKER and paths.could_contain_weights_dir(
+                    parent, self.patterns):
+                self.hints.add_subtree(path.parent)
