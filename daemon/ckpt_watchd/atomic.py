@@ -138,7 +138,7 @@ def remove_quietly(path: Path) -> None:
 
 def remove_stale_temps(directory: Path) -> list[Path]:
     """Delete temp files a killed strip left behind in `directory`; returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(directory))
     except OSError:
@@ -174,7 +174,7 @@ def sha256_path(path: Path) -> str:
 def remove_temps_for(dest: Path) -> list[Path]:
     """Delete the temp files of one destination (after its worker was killed mid-write)."""
     prefix = f"{TEMP_PREFIX}{dest.name}."
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(dest.parent))
     except OSError:

@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -76,7 +76,7 @@ def strip_file(
 
 def _save(obj: Any, writer: atomic.RecordingWriter) -> None:
     try:
-        torch.save(obj, writer, pickle_module=safeload.SAVE_PICKLE, pickle_protocol=2)
+        torch.save(obj, cast(IO[bytes], writer), pickle_module=safeload.SAVE_PICKLE, pickle_protocol=2)
     except CheckpointError:
         raise
     except Exception as e:
@@ -121,7 +121,7 @@ def verify(expected: dict[Any, Any], written: Path) -> None:
     a, b = list(strip.walk_tensors(expected)), list(strip.walk_tensors(back))
     if len(a) != len(b):
         raise VerifyFailed(f"{len(b)} tensors read back, {len(a)} were written")
-    for i, (x, y) in enumerate(zip(a, b)):
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
         if x.dtype != y.dtype or x.shape != y.shape or not torch.equal(x, y):
             raise VerifyFailed(f"tensor #{i} differs after the write")
 
@@ -138,6 +138,7 @@ def inspect_file(path: Path) -> dict[str, Any]:
     loaded = safeload.load(Path(path))
     obj = loaded.obj
     profile: str | None
+    reason: str | None
     try:
         profile = strip.detect_profile(obj, loaded.globals_seen)
     except CheckpointError as e:

@@ -103,7 +103,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if not isinstance(value, str) or not value:
                 raise ValueError
             return Path(value)
-        if o.kind is int and (isinstance(value, bool) or isinstance(value, float)):
+        if o.kind is int and isinstance(value, (bool, float)):
             raise ValueError
         if o.kind is float and isinstance(value, bool):
             raise ValueError
@@ -116,7 +116,7 @@ def _read_config(path: Path, explicit: bool) -> dict[str, Any]:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
+        import tomli as tomllib  # type: ignore[import-not-found,no-redef,unused-ignore]
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

@@ -23,7 +23,7 @@ def _parts(rel: str | PurePosixPath) -> tuple[str, ...]:
 
 def _match_parts(parts: Sequence[str], pattern: Sequence[str]) -> bool:
     return len(parts) == len(pattern) and all(
-        fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pattern))
+        fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pattern, strict=True))
 
 
 def is_weights_dir(rel: str | PurePosixPath, patterns: Iterable[str]) -> bool:

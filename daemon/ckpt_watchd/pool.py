@@ -123,7 +123,7 @@ def _crash_text(code: int | None) -> str:
 class WorkerPool:
     def __init__(self, size: int, *, job_timeout: float, on_done: OnDone, nice: int = 10,
                  io_idle: bool = True, idle_exit: float = 120.0, start_method: str = "spawn") -> None:
-        self.ctx = multiprocessing.get_context(start_method)
+        self.ctx: Any = multiprocessing.get_context(start_method)
         self.job_timeout = job_timeout
         self.nice = nice
         self.io_idle = io_idle

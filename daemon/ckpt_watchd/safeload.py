@@ -130,7 +130,7 @@ class StandIn:
             return (cls, tuple(args), state, items, dictitems)
         if kwargs:
             return (copyreg.__newobj_ex__, (cls, tuple(args), kwargs), state, items, dictitems)  # type: ignore[attr-defined]
-        return (copyreg.__newobj__, (cls, *args), state, items, dictitems)
+        return (copyreg.__newobj__, (cls, *args), state, items, dictitems)  # type: ignore[attr-defined]
 
     def _current_state(self) -> Any:
         raw = self._sw_state
@@ -194,6 +194,18 @@ def _numpy_global(name: str) -> Any:
     return table[name]()
 
 
+def _attr(owner: Any, name: str) -> Callable[[], Any]:
+    return lambda: getattr(owner, name)
+
+
+def _const(value: Any) -> Callable[[], Any]:
+    return lambda: value
+
+
+def _numpy(name: str) -> Callable[[], Any]:
+    return lambda: _numpy_global(name)
+
+
 _PATH_CLASSES = {
     "Path": pathlib.Path,
     "PosixPath": pathlib.PosixPath if os.name == "posix" else None,
@@ -206,7 +218,7 @@ _PATH_CLASSES = {
 # Real objects, by (module, name). Everything here is a constructor of plain data or one of torch's
 # own tensor rebuild functions; none of them imports, opens, evaluates or looks up by name.
 _SAFE: dict[tuple[str, str], Callable[[], Any]] = {
-    **{("builtins", n): (lambda n=n: getattr(__import__("builtins"), n)) for n in (
+    **{("builtins", n): _attr(__import__("builtins"), n) for n in (
         "set", "frozenset", "list", "dict", "tuple", "bytearray", "bytes", "complex", "slice",
         "range", "int", "float", "str", "bool",
     )},
@@ -232,16 +244,16 @@ _SAFE: dict[tuple[str, str], Callable[[], Any]] = {
     ("torch._tensor", "_rebuild_from_type_v2"): lambda: torch._tensor._rebuild_from_type_v2,
     ("torch.nn.parameter", "Parameter"): lambda: torch.nn.Parameter,
     ("torch.nn.parameter", "Buffer"): lambda: torch.nn.parameter.Buffer,
-    **{("torch._utils", n): (lambda n=n: getattr(torch._utils, n)) for n in (
+    **{("torch._utils", n): _attr(torch._utils, n) for n in (
         "_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
         "_rebuild_parameter_with_state", "_rebuild_sparse_tensor", "_rebuild_qtensor",
         "_rebuild_device_tensor_from_numpy", "_rebuild_meta_tensor_no_storage",
     ) if hasattr(torch._utils, n)},
-    **{(m, n): (lambda n=n: _numpy_global(n)) for m in (
+    **{(m, n): _numpy(n) for m in (
         "numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")},
-    ("numpy", "ndarray"): lambda: _numpy_global("ndarray"),
-    ("numpy", "dtype"): lambda: _numpy_global("dtype"),
-    **{("pathlib", n): (lambda c=c: c) for n, c in _PATH_CLASSES.items() if c is not None},
+    ("numpy", "ndarray"): _numpy("ndarray"),
+    ("numpy", "dtype"): _numpy("dtype"),
+    **{("pathlib", n): _const(c) for n, c in _PATH_CLASSES.items() if c is not None},
 }
 
 # Packages whose globals are real code we could run by accident: anything from them that is not in
@@ -314,24 +326,25 @@ def _safe_loads(data: bytes, **kwargs: Any) -> Any:
     return SafeUnpickler(io.BytesIO(data), **kwargs).load()
 
 
-class StandInPickler(pickle._Pickler):  # type: ignore[name-defined,misc]
+class StandInPickler(pickle._Pickler):
     """Writes a stand-in class as the GLOBAL it came from (the C pickler would try to import it)."""
 
     def save_global(self, obj: Any, name: Any = None) -> None:
+        me: Any = self  # pickle._Pickler has no type stubs
         if is_standin_class(obj):
             module, qualname = obj._sw_origin
-            if self.proto >= 4:
-                self.save(module)
-                self.save(qualname)
-                self.write(pickle.STACK_GLOBAL)
+            if me.proto >= 4:
+                me.save(module)
+                me.save(qualname)
+                me.write(pickle.STACK_GLOBAL)
             else:
-                if self.proto < 3 and self.fix_imports:
+                if me.proto < 3 and me.fix_imports:
                     module = {v: k for k, v in _PY2_MODULES.items()}.get(module, module)
-                self.write(pickle.GLOBAL + module.encode("utf-8") + b"\n"
-                           + qualname.encode("utf-8") + b"\n")
-            self.memoize(obj)
+                me.write(pickle.GLOBAL + module.encode("utf-8") + b"\n"
+                         + qualname.encode("utf-8") + b"\n")
+            me.memoize(obj)
             return
-        super().save_global(obj, name)
+        pickle._Pickler.save_global(me, obj, name)  # type: ignore[attr-defined]
 
 
 # `pickle_module` objects handed to torch.load / torch.save

@@ -23,7 +23,7 @@ import structlog
 
 from ckpt_watchd import atomic, audit, paths, watcher
 from ckpt_watchd.errors import StartupError
-from ckpt_watchd.outcome import FAILED, SKIPPED, STRIPPED, WOULD_STRIP, Outcome
+from ckpt_watchd.outcome import FAILED, STRIPPED, WOULD_STRIP, Outcome
 from ckpt_watchd.settings import Settings
 from ckpt_watchd.state import StateStore
 from ckpt_watchd.tracker import DONE, SETTLING, Tracker
@@ -116,11 +116,11 @@ class Service:
             runs.update(self._runs_under(sub))
         if now >= self.next_reconcile:
             runs.update(self.reconcile(now, wall))
-        for run in runs:
-            self._observe(run, now, wall)
+        for wdir in runs:
+            self._observe(wdir, now, wall)
         if not self.stop_event.is_set():
-            for run in self.tracker.due(now):
-                self._start_run(Path(run), now, wall)
+            for key in self.tracker.due(now):
+                self._start_run(Path(key), now, wall)
             self._retry_due(now, wall)
         self._report()
         deadlines = [d for d in (self.tracker.next_deadline(), self.next_reconcile,
@@ -197,7 +197,7 @@ class Service:
             return
         todo: dict[str, tuple[int, int, int]] = {}
         attempts: dict[str, int] = {}
-        for name, _kind, ino, size, mtime_ns in p.obs.key:  # type: ignore[misc]
+        for name, _kind, ino, size, mtime_ns in p.files:
             path = str(wdir / name)
             fp = (ino, size, mtime_ns)
             if self.store.already_done(path, fp, dry_run=self.s.dry_run) or \
@@ -335,11 +335,11 @@ class Service:
             if view is None or view.phase != DONE:
                 continue  # written again, or not seen yet: the settle path takes it from here
             p = self._probe(wdir)
-            match = [k for k in p.obs.key if str(wdir / k[0]) == row.path]
+            match = [f for f in p.files if str(wdir / f[0]) == row.path]
             self.tracker.observe(str(wdir), p.obs, now)
             if not match or not self.tracker.hand(str(wdir)):
                 continue  # gone, or changed since: it settles again first
-            _n, _k, ino, size, mtime_ns = match[0]  # type: ignore[misc]
+            _n, _k, ino, size, mtime_ns = match[0]
             work = _RunWork(files={row.path: (ino, size, mtime_ns)})
             self.work[wdir] = work
             self._submit(wdir, work, row.path, row.attempts + 1, wall)

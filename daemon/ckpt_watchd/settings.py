@@ -148,7 +148,7 @@ class Settings:
             if not f or "/" in f:
                 raise bad("files", f"must be a plain file name (got {f!r})")
         if self.metrics_addr is not None:
-            host, sep, port = self.metrics_addr.rpartition(":")
+            _host, sep, port = self.metrics_addr.rpartition(":")
             if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
                 raise bad("metrics_addr", f"must be HOST:PORT (got {self.metrics_addr!r})")
 

@@ -36,18 +36,22 @@ _ULTRA_META_DEFAULTS = {
 }
 # The keys of Ultralytics 8.4's default configuration (ultralytics/cfg/default.yaml); `train_args`
 # keeps only these, as the trainer's own strip does (it drops runtime keys such as `save_dir`).
-ULTRALYTICS_CFG_KEYS = frozenset("""
-task mode model data epochs time patience batch imgsz save save_period cache device workers project
-name exist_ok pretrained cls_remap optimizer verbose seed deterministic single_cls rect cos_lr
-close_mosaic resume amp fraction profile freeze multi_scale compile channels_last overlap_mask
-mask_ratio dropout val split save_json conf iou max_det quantize dnn plots nms source vid_stride
-stream_buffer visualize augment agnostic_nms classes retina_masks embed show save_frames save_txt
-save_conf save_crop show_labels show_conf show_boxes line_width format optimize dynamic simplify opset
-workspace lr0 lrf momentum weight_decay warmup_epochs warmup_momentum warmup_bias_lr distill_model
-dis box cls cls_pw dfl pose kobj rle angle dlog dgrad dlam nbs hsv_h hsv_s hsv_v degrees translate
-scale shear perspective flipud fliplr bgr mosaic mixup cutmix copy_paste copy_paste_mode auto_augment
-erasing cfg tracker int8 half keras batch_size line_thickness hide_labels hide_conf boxes
-""".split())
+ULTRALYTICS_CFG_KEYS = frozenset({
+    "task", "mode", "model", "data", "epochs", "time", "patience", "batch", "imgsz", "save",
+    "save_period", "cache", "device", "workers", "project", "name", "exist_ok", "pretrained",
+    "cls_remap", "optimizer", "verbose", "seed", "deterministic", "single_cls", "rect", "cos_lr",
+    "close_mosaic", "resume", "amp", "fraction", "profile", "freeze", "multi_scale", "compile",
+    "channels_last", "overlap_mask", "mask_ratio", "dropout", "val", "split", "save_json", "conf", "iou",
+    "max_det", "quantize", "dnn", "plots", "nms", "source", "vid_stride", "stream_buffer", "visualize",
+    "augment", "agnostic_nms", "classes", "retina_masks", "embed", "show", "save_frames", "save_txt",
+    "save_conf", "save_crop", "show_labels", "show_conf", "show_boxes", "line_width", "format",
+    "optimize", "dynamic", "simplify", "opset", "workspace", "lr0", "lrf", "momentum", "weight_decay",
+    "warmup_epochs", "warmup_momentum", "warmup_bias_lr", "distill_model", "dis", "box", "cls", "cls_pw",
+    "dfl", "pose", "kobj", "rle", "angle", "dlog", "dgrad", "dlam", "nbs", "hsv_h", "hsv_s", "hsv_v",
+    "degrees", "translate", "scale", "shear", "perspective", "flipud", "fliplr", "bgr", "mosaic",
+    "mixup", "cutmix", "copy_paste", "copy_paste_mode", "auto_augment", "erasing", "cfg", "tracker",
+    "int8", "half", "keras", "batch_size", "line_thickness", "hide_labels", "hide_conf", "boxes",
+})
 
 # Generic checkpoints: the optimizer side that a strip drops, and where the weights live.
 GENERIC_DROP = (
@@ -224,7 +228,7 @@ def half_module(root: Any, head_attrs: tuple[str, ...] = ()) -> None:
     with torch.no_grad():
         for d in iter_modules(root):
             params = d.get("_parameters") or {}
-            for name, p in params.items():
+            for p in params.values():
                 if isinstance(p, torch.Tensor) and p.is_floating_point() and p.dtype != torch.float16:
                     p.data = p.data.half()
             buffers = d.get("_buffers") or {}

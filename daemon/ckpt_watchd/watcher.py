@@ -8,6 +8,7 @@ and symlinks are never followed out of the root.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 import structlog
 
 from ckpt_watchd import paths
+from ckpt_watchd.atomic import TEMP_PREFIX
 from ckpt_watchd.tracker import Observation
 
 log = structlog.get_logger("ckpt_watchd.watcher")
@@ -70,7 +72,7 @@ def _walk_pattern(base: Path, parts: list[str], skip: set[Path]) -> Iterator[Pat
             except OSError:
                 continue
             for e in entries:
-                if (e.name.startswith(paths.TEMP_PREFIX) or not fnmatch.fnmatchcase(e.name, part)
+                if (e.name.startswith(TEMP_PREFIX) or not fnmatch.fnmatchcase(e.name, part)
                         or not e.is_dir(follow_symlinks=False)):
                     continue
                 p = Path(e.path)
@@ -88,18 +90,30 @@ def _is_real_dir(p: Path) -> bool:
         return False
 
 
+FileStat = tuple[str, str, int, int, int]  # name, "f" (regular) or "x", ino, size, mtime_ns
+
+
 @dataclass(frozen=True, slots=True)
 class Probe:
-    """One look at a run: its checkpoint files now, and what its own records say about cadence."""
+    """One look at a weights folder: its checkpoint files now, and whether the run is kept."""
 
-    obs: Observation
-    newest_mtime: float | None  # wall clock seconds, for the age of a run found at start-up
+    files: tuple[FileStat, ...]
+    newest_ns: int  # newest mtime among the files (0 when there are none)
     kept: bool
+
+    @property
+    def obs(self) -> Observation:
+        return Observation(self.files, self.newest_ns)
+
+    @property
+    def newest_mtime(self) -> float | None:
+        """Wall-clock seconds of the newest write, for the age of a run found at start-up."""
+        return self.newest_ns / 1e9 if self.files else None
 
 
 def probe(wdir: Path, files: Iterable[str]) -> Probe:
     """Stat a weights folder's checkpoint files (never following symlinks) and the keep marker."""
-    key: list[tuple[Any, ...]] = []
+    key: list[FileStat] = []
     newest = 0
     for name in files:
         try:
@@ -110,7 +124,7 @@ def probe(wdir: Path, files: Iterable[str]) -> Probe:
         key.append((name, kind, st.st_ino, st.st_size, st.st_mtime_ns))
         newest = max(newest, st.st_mtime_ns)
     kept = any(os.path.lexists(d / paths.KEEP_MARKER) for d in (wdir, wdir.parent))
-    return Probe(Observation(tuple(key), newest), newest / 1e9 if key else None, kept)
+    return Probe(tuple(key), newest, kept)
 
 
 def cadence_hint(run_dir: Path, newest_mtime: float | None) -> float | None:
@@ -123,10 +137,8 @@ def cadence_hint(run_dir: Path, newest_mtime: float | None) -> float | None:
         return None
     starts = []
     for name in _START_FILES:
-        try:
+        with contextlib.suppress(OSError):
             starts.append(os.lstat(run_dir / name).st_mtime)
-        except OSError:
-            pass
     if not starts:
         return None
     try:
@@ -189,7 +201,7 @@ class Watcher:
 
         watcher = self
 
-        class Handler(FileSystemEventHandler):  # type: ignore[misc]
+        class Handler(FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:
                 watcher.on_event(event)
 

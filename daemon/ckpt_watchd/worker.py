@@ -7,6 +7,7 @@ torch at module level, so the daemon's main process can import this module to de
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -81,10 +82,8 @@ def inspect_boundary(path: Path) -> tuple[dict[str, Any] | None, str | None]:
 def lower_priority(nice: int, io_idle: bool) -> None:
     """Make this process yield to training: CPU niceness and the idle I/O class."""
     if nice:
-        try:
+        with contextlib.suppress(OSError):
             os.nice(max(0, nice - os.nice(0)))
-        except OSError:
-            pass
     if io_idle:
         _set_io_idle()
 
@@ -125,9 +124,7 @@ def _die_with_parent() -> None:
     # prctl(PR_SET_PDEATHSIG, SIGKILL): a kill -9 of the daemon must not leave workers writing.
     import ctypes
 
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
     if os.getppid() == 1:
         os._exit(0)

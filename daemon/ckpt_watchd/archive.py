@@ -1,0 +1,215 @@
+"""`--archive-dir`: keep each original before it is replaced, and `restore` to put it back.
+
+It owns the archive layout (the path relative to the root, plus the original's mtime_ns) and the
+append-only `manifest.jsonl`. It never writes to a checkpoint path except through a same-directory
+temp file and os.replace, and never deletes anything from the archive. No torch here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from ckpt_watchd import atomic
+from ckpt_watchd.errors import CheckpointError, SourceChanged, WriteFailed
+
+MANIFEST = "manifest.jsonl"
+# a hard link needs the same filesystem, and some (FAT, some FUSE mounts) refuse links at all
+_NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK})
+
+
+class Facts(Protocol):
+    """What the archiver needs of `safeload.FileFacts` (imported there with torch, so not here)."""
+
+    @property
+    def ino(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def mtime_ns(self) -> int: ...
+    @property
+    def mode(self) -> int: ...
+    @property
+    def uid(self) -> int: ...
+    @property
+    def gid(self) -> int: ...
+
+
+def _now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+class Archiver:
+    def __init__(self, archive_dir: Path, root: Path | None, *, hashes: bool = False,
+                 clock: Callable[[], str] = _now_iso) -> None:
+        self.archive_dir = Path(archive_dir).absolute()
+        self.root = Path(root).resolve() if root is not None else None
+        self.hashes = hashes
+        self._clock = clock
+
+    def archived_name(self, original: Path, mtime_ns: int) -> Path:
+        """`<archive>/<path relative to root>` with the mtime_ns before the suffix."""
+        rel = None
+        if self.root is not None:
+            with contextlib.suppress(ValueError):
+                rel = original.relative_to(self.root)
+        if rel is None:  # outside the root: mirror the absolute path
+            rel = original.relative_to(original.anchor)
+        return self.archive_dir / rel.parent / f"{original.stem}.{mtime_ns}{original.suffix}"
+
+    def keep(self, path: Path, facts: Facts) -> None:
+        """Archive the file at `path` (about to be replaced) and append it to the manifest."""
+        original = Path(path).resolve()
+        try:
+            self._check(original, facts, "before it was archived")
+            archived = self._place(original, facts)
+            sha = atomic.sha256_path(archived) if self.hashes else None
+            entry: dict[str, Any] = {"original": str(original), "archived": str(archived),
+                                     "size": facts.size, "mtime_ns": facts.mtime_ns}
+            if sha is not None:
+                entry["sha256"] = sha
+            entry["archived_at"] = self._clock()
+            self._append(entry)
+        except OSError as e:
+            raise WriteFailed(f"cannot archive the original into {self.archive_dir}: "
+                              f"{atomic.describe_oserror(e)}") from None
+
+    @staticmethod
+    def _check(path: Path, facts: Facts, when: str) -> None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise SourceChanged(f"changed while stripping (removed {when})") from None
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != (facts.ino, facts.size, facts.mtime_ns):
+            raise SourceChanged(f"changed while stripping (rewritten {when}); nothing was replaced")
+
+    def _place(self, original: Path, facts: Facts) -> Path:
+        target = self.archived_name(original, facts.mtime_ns)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1000):
+            candidate = target if n == 0 else target.with_name(f"{target.stem}-{n}{target.suffix}")
+            try:
+                st = os.lstat(candidate)
+            except FileNotFoundError:
+                return self._link_or_copy(original, candidate, facts)
+            # already archived: the same inode came back (a restore) and is being stripped again
+            if (st.st_ino, st.st_size, st.st_mtime_ns) == (facts.ino, facts.size, facts.mtime_ns):
+                return candidate
+        raise WriteFailed(f"too many archived versions of {original} in {target.parent}")
+
+    def _link_or_copy(self, original: Path, archived: Path, facts: Facts) -> Path:
+        try:
+            os.link(original, archived, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in _NO_LINK:
+                raise
+            _copy_durably(original, archived, facts)
+        else:
+            try:  # the link is by name: make sure it caught the inode we read, unchanged
+                self._check(archived, facts, "while it was archived")
+            except SourceChanged:
+                atomic.remove_quietly(archived)
+                raise
+            _fsync_file(archived)
+        atomic.fsync_dir(archived.parent)
+        return archived
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        line = (json.dumps(entry) + "\n").encode()
+        fd = os.open(self.archive_dir / MANIFEST,
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # several workers may archive at once
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_durably(src: Path, dest: Path, facts: Facts | None) -> None:
+    """Copy to a temp next to `dest`, fsync, keep owner/mode/mtime, rename into place."""
+    with atomic.temp_writer(dest) as (tmp, writer):
+        with open(src, "rb") as f:
+            shutil.copyfileobj(f, writer, 1 << 20)
+        atomic.finish_write(writer)
+        st = os.lstat(src)
+        if facts is not None:
+            Archiver._check(src, facts, "while it was copied to the archive")
+            uid, gid, mode, mtime_ns = facts.uid, facts.gid, facts.mode, facts.mtime_ns
+        else:
+            uid, gid, mode, mtime_ns = st.st_uid, st.st_gid, st.st_mode, st.st_mtime_ns
+        atomic.copy_ownership(tmp, uid, gid, mode)
+        os.utime(tmp, ns=(st.st_atime_ns, mtime_ns), follow_symlinks=False)
+        os.replace(tmp, dest)
+
+
+def read_manifest(archive_dir: Path) -> list[dict[str, Any]]:
+    """Every complete entry, oldest first; a torn last line (killed mid-append) is ignored."""
+    entries = []
+    try:
+        text = (Path(archive_dir) / MANIFEST).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and "original" in entry and "archived" in entry:
+                entries.append(entry)
+    return entries
+
+
+def restore(path: Path, archive_dir: Path) -> int:
+    """Put the newest archived original of `path` back in place; 0 on success, 1 otherwise."""
+    target = Path(path).resolve()
+    archive_dir = Path(archive_dir).absolute()
+    if not archive_dir.is_dir():
+        return _fail(f"{archive_dir}: no such archive directory")
+    matches = [e for e in read_manifest(archive_dir) if e["original"] == str(target)]
+    if not matches:
+        return _fail(f"{target}: no archived original in {archive_dir / MANIFEST}")
+    entry = matches[-1]
+    archived = Path(entry["archived"])
+    try:
+        st = os.lstat(archived)
+    except FileNotFoundError:
+        return _fail(f"{target}: the archived original {archived} is missing")
+    if st.st_size != entry.get("size", st.st_size):
+        return _fail(f"{target}: the archived original {archived} has {st.st_size} bytes, the "
+                     f"manifest says {entry['size']}; not restored")
+    if "sha256" in entry and atomic.sha256_path(archived) != entry["sha256"]:
+        return _fail(f"{target}: the archived original {archived} fails its sha256 check; "
+                     "not restored")
+    if not target.parent.is_dir():
+        return _fail(f"{target}: the folder {target.parent} does not exist")
+    try:
+        # a copy, not a link: a resumed trainer rewrites last.pt in place and would otherwise
+        # overwrite the archived original through the shared inode
+        _copy_durably(archived, target, None)
+        atomic.fsync_dir(target.parent)
+    except (CheckpointError, OSError) as e:
+        why = e.message if isinstance(e, CheckpointError) else atomic.describe_oserror(e)
+        return _fail(f"{target}: not restored: {why}")
+    print(f"{target}: restored from {archived}", flush=True)
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"ckpt-watchd: {message}", file=sys.stderr)
+    return 1
