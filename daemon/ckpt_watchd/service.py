@@ -64,6 +64,7 @@ class Service:
                  probe: Callable[[Path], watcher.Probe] | None = None,
                  find: Callable[..., Iterable[Path]] = watcher.find_weights_dirs,
                  cadence: Callable[[Path, float | None], float | None] = watcher.cadence_hint,
+                 in_use: Callable[[Path], int | None] = watcher.run_in_use,
                  claimer: Any = None, notifier: Any = None, metrics: Any = None) -> None:
         self.s = settings
         self.store = store
@@ -77,6 +78,8 @@ class Service:
         self._probe = probe or (lambda wdir: watcher.probe(wdir, settings.files))
         self._find = find
         self._cadence = cadence
+        self._in_use = in_use
+        self._busy_reported: set[str] = set()
         self.claimer = claimer
         self.notifier = notifier
         self.metrics = metrics
@@ -195,6 +198,16 @@ class Service:
                 self.store.upsert_run(run, state="kept", now=wall, reason=paths.KEEP_MARKER)
             self.auditor.emit(audit.RUN_KEPT, run=run, reason=f"{paths.KEEP_MARKER} present")
             return
+        pid = self._in_use(wdir.parent)
+        if pid is not None:
+            # quiet files, but a live process still holds the run's files open: a slow epoch
+            if run not in self._busy_reported:
+                self._busy_reported.add(run)
+                self.auditor.emit(audit.RUN_BUSY, run=run, pid=pid,
+                                  reason="quiet, but a process still has files in the run open")
+            self.tracker.look_again(key, now)
+            return
+        self._busy_reported.discard(run)
         todo: dict[str, tuple[int, int, int]] = {}
         attempts: dict[str, int] = {}
         for name, _kind, ino, size, mtime_ns in p.files:

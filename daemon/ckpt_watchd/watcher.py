@@ -258,3 +258,42 @@ class Watcher:
             elif path.name == paths.KEEP_MARKER and paths.could_contain_weights_dir(
                     parent, self.patterns):
                 self.hints.add_subtree(path.parent)
+
+
+def run_in_use(run_dir: Path, proc: Path = Path("/proc")) -> int | None:
+    """The pid of a live process holding a file under `run_dir` open for writing, else None.
+
+    A trainer between two saves still holds its TensorBoard event file open for writing, so this
+    tells a very slow epoch from a killed run where the time rule alone cannot. Readers (a
+    TensorBoard server tailing the events) do not count. Only processes we may inspect (same user or
+    root, same PID namespace) are seen; elsewhere the check finds nothing. Called once per
+    finished-looking run, never on a hot path.
+    """
+    prefix = str(run_dir).rstrip("/") + "/"
+    me = os.getpid()
+    try:
+        pids = [int(e.name) for e in os.scandir(proc) if e.name.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        if pid == me:
+            continue
+        base = proc / str(pid)
+        try:
+            fds = os.scandir(base / "fd")
+        except OSError:
+            continue
+        with fds:
+            for fd in fds:
+                with contextlib.suppress(OSError, ValueError):
+                    if os.readlink(fd.path).startswith(prefix) and _writable(base, fd.name):
+                        return pid
+    return None
+
+
+def _writable(base: Path, fd: str) -> bool:
+    with open(base / "fdinfo" / fd, "rb") as f:
+        for line in f:
+            if line.startswith(b"flags:"):
+                return int(line.split()[1], 8) & 0o3 != 0  # O_WRONLY or O_RDWR
+    return False

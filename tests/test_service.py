@@ -1,0 +1,325 @@
+"""The service loop, driven purely: a fake clock, a fake pool, fake file facts, no threads."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ckpt_watchd.audit import Auditor
+from ckpt_watchd.outcome import FAILED, SKIPPED, STRIPPED, Outcome
+from ckpt_watchd.service import Service
+from ckpt_watchd.settings import Settings
+from ckpt_watchd.state import StateStore
+from ckpt_watchd.watcher import Probe
+from ckpt_watchd.worker import StripJob
+
+
+class FakePool:
+    """Records submitted jobs; the test decides how and when each one ends."""
+
+    def __init__(self, on_done: Callable[[StripJob, Outcome], None]) -> None:
+        self.on_done = on_done
+        self.jobs: list[StripJob] = []
+        self.restarts = 0
+        self.stopped = False
+
+    def submit(self, job: StripJob) -> None:
+        self.jobs.append(job)
+
+    def pending(self) -> int:
+        return len(self.jobs)
+
+    def queue_depth(self) -> int:
+        return len(self.jobs)
+
+    def alive(self) -> bool:
+        return True
+
+    def shutdown(self, drain_timeout: float) -> list[StripJob]:
+        self.stopped = True
+        return []
+
+    def finish(self, status: str = STRIPPED, **kw: Any) -> StripJob:
+        job = self.jobs.pop(0)
+        fields: dict[str, Any] = {"bytes_before": 1000, "bytes_after": 250, "profile": "yolov5"}
+        if status == FAILED:
+            fields = {"error_type": kw.pop("error_type", "write"), "error": kw.pop("error", "boom")}
+        fields.update(kw)
+        self.on_done(job, Outcome(path=job.path, status=status, **fields))
+        return job
+
+
+class World:
+    """Fake file facts: each weights folder's checkpoint files and their (ino, size, mtime)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files: dict[Path, dict[str, tuple[int, int, int]]] = {}
+        self.kept: set[Path] = set()
+        self.busy: set[Path] = set()
+        self.ino = 100
+        self.closers: list[Callable[[], None]] = []
+
+    def add_run(self, rel: str) -> Path:
+        wdir = self.root / rel / "weights"
+        wdir.mkdir(parents=True)
+        self.files[wdir] = {}
+        return wdir
+
+    def write(self, wdir: Path, name: str, wall: float, size: int = 1000) -> None:
+        self.ino += 1
+        self.files[wdir][name] = (self.ino, size, int(wall * 1e9))
+
+    def probe(self, wdir: Path) -> Probe:
+        files = tuple((n, "f", *fp) for n, fp in self.files.get(wdir, {}).items())
+        newest = max((fp[2] for fp in self.files.get(wdir, {}).values()), default=0)
+        return Probe(files, newest, wdir in self.kept)  # type: ignore[arg-type]
+
+    def find(self, root: Path, patterns: Iterable[str], *, below: Path | None = None,
+             skip: Iterable[Path] = ()) -> list[Path]:
+        return [w for w in self.files if below is None or below in w.parents]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path / "runs")
+    yield w
+    for close in w.closers:
+        close()
+
+
+def make(world: World, tmp_path: Path, clock: list[float], **opts: Any
+         ) -> tuple[Service, FakePool, Path]:
+    world.root.mkdir(exist_ok=True)
+    s = Settings(root=world.root, settle=60, rescan_interval=300, retry_backoff=10,
+                 max_attempts=3, state_dir=tmp_path / "state", audit_log=tmp_path / "audit.jsonl",
+                 **opts)
+    pools: list[FakePool] = []
+
+    def factory(on_done: Callable[[StripJob, Outcome], None]) -> FakePool:
+        pools.append(FakePool(on_done))
+        return pools[0]
+
+    store, auditor = StateStore.open(s.state_db), Auditor.open(s.audit_log)
+    world.closers += [store.close, auditor.close]
+    svc = Service(s, store=store, auditor=auditor,
+                  pool_factory=factory,  # type: ignore[arg-type]
+                  clock=lambda: clock[0], wall=lambda: 1_000_000 + clock[0],
+                  probe=world.probe, find=world.find, cadence=lambda run, newest: None,
+                  in_use=lambda run: 4242 if run in {w.parent for w in world.busy} else None)
+    return svc, pools[0], s.audit_log
+
+
+def step(svc: Service, clock: list[float], at: float) -> None:
+    clock[0] = at
+    svc.step(at, 1_000_000 + at)
+
+
+def events(audit: Path, name: str | None = None) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in audit.read_text().splitlines()]
+    return [r for r in rows if name is None or r["event"] == name]
+
+
+def test_finished_run_is_stripped_once_across_restarts(world: World, tmp_path: Path) -> None:
+    """A quiet run gets one run.finished and two jobs (last.pt first); a restart submits nothing."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    world.write(wdir, "best.pt", 1_000_000 - 3600)
+    world.write(wdir, "last.pt", 1_000_000 - 3600)
+    svc, pool, audit = make(world, tmp_path, clock)
+    step(svc, clock, 0.0)
+    assert [Path(j.path).name for j in pool.jobs] == ["last.pt", "best.pt"]
+    assert all(j.hashes and j.attempt == 1 and not j.dry_run for j in pool.jobs)
+    assert len(events(audit, "run.finished")) == 1
+    for _ in range(2):
+        pool.finish(STRIPPED, fingerprint=None)
+    step(svc, clock, 1.0)
+    assert [e["path"] for e in events(audit, "ckpt.stripped")] == [str(wdir / "last.pt"),
+                                                                  str(wdir / "best.pt")]
+    step(svc, clock, 10_000.0)
+    assert pool.jobs == []
+
+    # a new daemon on the same state: the files still have the fingerprints the outcomes recorded
+    svc2, pool2, audit2 = make(world, tmp_path, clock)
+    for name in ("last.pt", "best.pt"):
+        ino, size, mtime = world.files[wdir][name]
+        svc2.store.record_outcome(
+            Outcome(path=str(wdir / name), status=STRIPPED, fingerprint=(ino, size, mtime)),
+            run=str(wdir.parent), now=0.0, attempt=1)
+    step(svc2, clock, 20_000.0)
+    assert pool2.jobs == []
+    assert len(events(audit2, "run.finished")) == 1  # only the first daemon's
+
+
+def test_live_run_is_not_touched_while_it_writes(world: World, tmp_path: Path) -> None:
+    """A trainer writing every 30 s for 20 minutes never gets a job; after it stops, one arrives."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    svc, pool, audit = make(world, tmp_path, clock)
+    t = 0.0
+    for _ in range(40):
+        world.write(wdir, "last.pt", 1_000_000 + t)
+        svc.hints.add_run(wdir)
+        step(svc, clock, t)
+        step(svc, clock, t + 29.9)
+        assert pool.jobs == []
+        t += 30.0
+    assert events(audit, "run.finished") == []
+    step(svc, clock, t - 30 + 89.9)  # quiet period is 3 x 30 s
+    assert pool.jobs == []
+    step(svc, clock, t - 30 + 90.0)
+    assert len(pool.jobs) == 1
+    assert events(audit, "run.finished")[0]["cadence_s"] == 30.0
+
+
+def test_failure_is_retried_with_backoff_then_given_up(world: World, tmp_path: Path) -> None:
+    """A failing file is retried after 10 s, 20 s, then given up; nothing is tried after that."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    world.write(wdir, "last.pt", 1_000_000 - 3600)
+    svc, pool, audit = make(world, tmp_path, clock)
+    step(svc, clock, 0.0)
+    pool.finish(FAILED, error_type="write", error="disk full (no space left on device)")
+    step(svc, clock, 0.1)
+    step(svc, clock, 9.9)
+    assert pool.jobs == []
+    step(svc, clock, 10.2)
+    assert [j.attempt for j in pool.jobs] == [2]
+    pool.finish(FAILED)
+    step(svc, clock, 10.3)
+    step(svc, clock, 30.4)
+    assert [j.attempt for j in pool.jobs] == [3]
+    pool.finish(FAILED)
+    step(svc, clock, 30.5)
+    step(svc, clock, 10_000.0)
+    assert pool.jobs == []
+    failed = events(audit, "ckpt.failed")
+    assert [(e["attempt"], e["final"]) for e in failed] == [(1, False), (2, False), (3, True)]
+    assert failed[0]["error"] == "disk full (no space left on device)"
+
+
+def test_torn_file_is_looked_at_again_not_failed(world: World, tmp_path: Path) -> None:
+    """A torn write is skipped without an error and tried again after another quiet period."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    world.write(wdir, "last.pt", 1_000_000 - 3600)
+    svc, pool, audit = make(world, tmp_path, clock)
+    step(svc, clock, 0.0)
+    pool.finish(FAILED, error_type="torn", error="incomplete or torn write: ...")
+    step(svc, clock, 1.0)
+    assert events(audit, "ckpt.failed") == []
+    assert "will look again" in events(audit, "ckpt.skipped")[0]["reason"]
+    step(svc, clock, 60.9)
+    assert pool.jobs == []
+    step(svc, clock, 61.0)
+    assert len(pool.jobs) == 1
+
+
+def test_kept_and_excluded_runs_are_never_touched(world: World, tmp_path: Path) -> None:
+    """A keep marker gives run.kept and no job; an --exclude match is not even discovered."""
+    clock = [0.0]
+    kept = world.add_run("train/keepme")
+    skipped = world.add_run("train/private-1")
+    for w in (kept, skipped):
+        world.write(w, "last.pt", 1_000_000 - 3600)
+    world.kept.add(kept)
+    svc, pool, audit = make(world, tmp_path, clock, exclude=("train/private-*",))
+    step(svc, clock, 0.0)
+    assert pool.jobs == []
+    assert [e["run"] for e in events(audit, "run.kept")] == [str(kept.parent)]
+    assert [e["run"] for e in events(audit, "run.discovered")] == [str(kept.parent)]
+
+
+def test_run_with_a_writer_process_waits(world: World, tmp_path: Path) -> None:
+    """Quiet files but a process writing in the run (a very slow epoch): no job until it is gone."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    world.write(wdir, "last.pt", 1_000_000 - 3600)
+    world.busy.add(wdir)
+    svc, pool, audit = make(world, tmp_path, clock)
+    step(svc, clock, 0.0)
+    step(svc, clock, 60.0)
+    assert pool.jobs == []
+    assert [e["pid"] for e in events(audit, "run.busy")] == [4242]  # reported once
+    world.busy.clear()
+    step(svc, clock, 120.0)
+    assert len(pool.jobs) == 1
+
+
+def test_dry_run_jobs_change_nothing_and_report_once(world: World, tmp_path: Path) -> None:
+    """--dry-run submits dry-run jobs and records would_strip so a rescan does not repeat them."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    world.write(wdir, "last.pt", 1_000_000 - 3600)
+    svc, pool, audit = make(world, tmp_path, clock, dry_run=True)
+    step(svc, clock, 0.0)
+    assert [j.dry_run for j in pool.jobs] == [True]
+    ino, size, mtime = world.files[wdir]["last.pt"]
+    pool.finish("would_strip", fingerprint=(ino, size, mtime))
+    step(svc, clock, 1.0)
+    assert len(events(audit, "ckpt.would_strip")) == 1
+    svc.tracker.forget(str(wdir))
+    step(svc, clock, 10_000.0)
+    assert pool.jobs == []
+
+
+def test_resumed_run_is_tracked_again(world: World, tmp_path: Path) -> None:
+    """After a strip, new writes make the run settle again and be stripped again."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    world.write(wdir, "last.pt", 1_000_000 - 3600)
+    svc, pool, audit = make(world, tmp_path, clock)
+    step(svc, clock, 0.0)
+    pool.finish(STRIPPED)
+    step(svc, clock, 1.0)
+    world.write(wdir, "last.pt", 1_000_000 + 100)
+    svc.hints.add_run(wdir)
+    step(svc, clock, 100.0)
+    assert pool.jobs == []
+    step(svc, clock, 160.0)
+    assert len(pool.jobs) == 1
+
+
+def test_vanished_run_is_forgotten(world: World, tmp_path: Path) -> None:
+    """A deleted run folder is dropped from tracking at the next reconcile."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    world.write(wdir, "last.pt", 1_000_000)
+    svc, pool, audit = make(world, tmp_path, clock)
+    step(svc, clock, 0.0)
+    del world.files[wdir]
+    wdir.rmdir()
+    step(svc, clock, 301.0)
+    assert svc.tracker.runs() == []
+    assert [e["run"] for e in events(audit, "run.forgotten")] == [str(wdir.parent)]
+
+
+def test_stop_submits_nothing_new_and_writes_daemon_stopped(world: World, tmp_path: Path) -> None:
+    """After SIGTERM no new run is started; shutdown drains the pool and audits the counts."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    world.write(wdir, "last.pt", 1_000_000 - 3600)
+    svc, pool, audit = make(world, tmp_path, clock)
+    svc.request_stop()
+    step(svc, clock, 0.0)
+    assert pool.jobs == []
+    assert svc.shutdown() == 0
+    assert pool.stopped
+    assert events(audit, "daemon.stopped")[0]["stripped"] == 0
+
+
+def test_skipped_outcome_marks_run_done(world: World, tmp_path: Path) -> None:
+    """A file its trainer already stripped is skipped and the run counts as finished."""
+    clock = [0.0]
+    wdir = world.add_run("detect/train")
+    world.write(wdir, "last.pt", 1_000_000 - 3600)
+    svc, pool, audit = make(world, tmp_path, clock)
+    step(svc, clock, 0.0)
+    pool.finish(SKIPPED, reason="already stripped")
+    step(svc, clock, 1.0)
+    assert events(audit, "ckpt.skipped")[0]["reason"] == "already stripped"
+    assert svc.tracker.view(str(wdir), 1.0).phase == "done"  # type: ignore[union-attr]
