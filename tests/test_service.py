@@ -272,7 +272,7 @@ def test_resumed_run_is_tracked_again(world: World, tmp_path: Path) -> None:
     clock = [0.0]
     wdir = world.add_run("train/exp")
     world.write(wdir, "last.pt", 1_000_000 - 3600)
-    svc, pool, audit = make(world, tmp_path, clock)
+    svc, pool, _audit = make(world, tmp_path, clock)
     step(svc, clock, 0.0)
     pool.finish(STRIPPED)
     step(svc, clock, 1.0)
@@ -289,7 +289,7 @@ def test_vanished_run_is_forgotten(world: World, tmp_path: Path) -> None:
     clock = [0.0]
     wdir = world.add_run("train/exp")
     world.write(wdir, "last.pt", 1_000_000)
-    svc, pool, audit = make(world, tmp_path, clock)
+    svc, _pool, audit = make(world, tmp_path, clock)
     step(svc, clock, 0.0)
     del world.files[wdir]
     wdir.rmdir()
