@@ -26,6 +26,7 @@ class FakePool:
         self.jobs: list[StripJob] = []
         self.restarts = 0
         self.stopped = False
+        self.warmed = 0
 
     def submit(self, job: StripJob) -> None:
         self.jobs.append(job)
@@ -38,6 +39,9 @@ class FakePool:
 
     def alive(self) -> bool:
         return True
+
+    def prewarm(self) -> None:
+        self.warmed += 1
 
     def shutdown(self, drain_timeout: float) -> list[StripJob]:
         self.stopped = True
@@ -95,9 +99,10 @@ def world(tmp_path: Path) -> Iterator[World]:
 def make(world: World, tmp_path: Path, clock: list[float], **opts: Any
          ) -> tuple[Service, FakePool, Path]:
     world.root.mkdir(exist_ok=True)
-    s = Settings(root=world.root, settle=60, rescan_interval=300, retry_backoff=10,
-                 max_attempts=3, state_dir=tmp_path / "state", audit_log=tmp_path / "audit.jsonl",
-                 **opts)
+    base: dict[str, Any] = {"settle": 60, "rescan_interval": 300, "retry_backoff": 10,
+                            "max_attempts": 3}
+    s = Settings(root=world.root, state_dir=tmp_path / "state", audit_log=tmp_path / "audit.jsonl",
+                 **{**base, **opts})
     pools: list[FakePool] = []
 
     def factory(on_done: Callable[[StripJob, Outcome], None]) -> FakePool:
@@ -323,3 +328,19 @@ def test_skipped_outcome_marks_run_done(world: World, tmp_path: Path) -> None:
     step(svc, clock, 1.0)
     assert events(audit, "ckpt.skipped")[0]["reason"] == "already stripped"
     assert svc.tracker.view(str(wdir), 1.0).phase == "done"  # type: ignore[union-attr]
+
+
+def test_worker_is_prewarmed_before_a_run_is_due(world: World, tmp_path: Path) -> None:
+    """A minute before the first settling run is due the loop wakes and asks for a warm worker."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    svc, pool, _audit = make(world, tmp_path, clock, settle=600, rescan_interval=10_000)
+    world.write(wdir, "last.pt", 1_000_000)
+    svc.hints.add_run(wdir)
+    clock[0] = 0.0
+    wake_at = svc.step(0.0, 1_000_000)
+    assert pool.warmed == 0
+    assert wake_at == 540.0
+    step(svc, clock, 540.0)
+    assert pool.warmed == 1
+    assert pool.jobs == []

@@ -24,6 +24,7 @@ from ckpt_watchd.outcome import FAILED, Outcome
 from ckpt_watchd.worker import StripJob, worker_main
 
 OnDone = Callable[[StripJob, Outcome], None]
+_WARM: Any = object()  # queue token: start a worker process now, so a strip due soon starts at once
 
 
 class _Slot:
@@ -66,6 +67,12 @@ class _Slot:
             if job is None:
                 self._reap(kill=True)
                 return
+            if job is _WARM:
+                pool.warm_requested.clear()
+                if self.proc is None or not self.proc.is_alive():
+                    self._reap(kill=True)
+                    self._spawn()  # the worker imports torch at once, before any job arrives
+                continue
             self.job = job
             outcome = self._run(job)
             self.job = None
@@ -131,6 +138,7 @@ class WorkerPool:
         self.on_done = on_done
         self.jobs: queue.Queue[StripJob | None] = queue.Queue()
         self.cancelling = threading.Event()
+        self.warm_requested = threading.Event()
         self.restarts = 0
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -153,6 +161,14 @@ class WorkerPool:
         with self._lock:
             return self._in_flight
 
+    def prewarm(self) -> None:
+        """Have one worker process started (and torch imported) before the next job arrives."""
+        if self.warm_requested.is_set() or any(
+                s.proc is not None and s.proc.is_alive() for s in self._slots):
+            return
+        self.warm_requested.set()
+        self.jobs.put(_WARM)
+
     def queue_depth(self) -> int:
         return self.jobs.qsize()
 
@@ -167,7 +183,7 @@ class WorkerPool:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
+            if job is not None and job is not _WARM:
                 unstarted.append(job)
                 with self._lock:
                     self._in_flight -= 1

@@ -34,6 +34,8 @@ log = structlog.get_logger("ckpt_watchd.service")
 # Outcomes that mean "a trainer is (or was just) writing": not an error, look again later.
 _ACTIVE_KINDS = frozenset({"torn", "changed"})
 _POLL_FALLBACK = 30.0
+# Start a worker this long before the first settling run is due (less than the pool's idle exit).
+_PREWARM_S = 60.0
 
 
 class Pool(Protocol):
@@ -41,6 +43,7 @@ class Pool(Protocol):
     def pending(self) -> int: ...
     def queue_depth(self) -> int: ...
     def alive(self) -> bool: ...
+    def prewarm(self) -> None: ...
     def shutdown(self, drain_timeout: float) -> list[StripJob]: ...
 
     restarts: int
@@ -125,8 +128,15 @@ class Service:
             for key in self.tracker.due(now):
                 self._start_run(Path(key), now, wall)
             self._retry_due(now, wall)
+        first_due = self.tracker.next_deadline()
+        warm_at = None
+        if first_due is not None:
+            warm_at = first_due - _PREWARM_S
+            if warm_at <= now:
+                self.pool.prewarm()
+                warm_at = None
         self._report()
-        deadlines = [d for d in (self.tracker.next_deadline(), self.next_reconcile,
+        deadlines = [d for d in (first_due, warm_at, self.next_reconcile,
                                  self._wall_to_mono(self.store.next_retry_at(), now, wall))
                      if d is not None]
         return min(deadlines) if deadlines else None

@@ -112,6 +112,9 @@ def worker_main(conn: Connection, nice: int, io_idle: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     lower_priority(nice, io_idle)
+    # import the torch side now: a worker is started just before a strip is due (prewarm), so the
+    # strip itself does not wait seconds for torch
+    from ckpt_watchd import checkpoint  # noqa: F401
     while True:
         try:
             job = conn.recv()
