@@ -96,6 +96,8 @@ class Service:
         self.last_reconcile_wall: float | None = None
         self._skip = [p for p in (settings.state_dir, settings.archive_dir) if p is not None]
         self._sigints = 0
+        self._restarts_seen = 0
+        self._status_sent = ""
 
     # ------------------------------------------------------------------ threads -> loop
 
@@ -339,6 +341,8 @@ class Service:
         def go() -> None:
             res = hooks.run_hook(cmd, shell=self.s.on_stripped_shell, timeout=self.s.hook_timeout,
                                  run_dir=run, files=files)
+            if self.metrics is not None:
+                self.metrics.hook_finished(res.ok)
             if res.ok:
                 self.auditor.emit("hook.ran", run=run, duration_s=round(res.duration_s, 3))
             else:
@@ -372,13 +376,18 @@ class Service:
     def _report(self) -> None:
         settling = self.tracker.count(SETTLING)
         if self.metrics is not None:
+            for _ in range(self.pool.restarts - self._restarts_seen):
+                self.metrics.worker_restarted()
+            self._restarts_seen = self.pool.restarts
             self.metrics.set_gauges(runs_watched=len(self.tracker.runs()), runs_settling=settling,
                                     queue_depth=self.pool.pending())
         if self.notifier is not None:
-            self.notifier.status(
-                f"watching {len(self.tracker.runs())} runs, {settling} settling, "
-                f"{self.pool.pending()} queued; stripped {self.counts['stripped']}, "
-                f"failed {self.counts['failed']}")
+            text = (f"watching {len(self.tracker.runs())} runs, {settling} settling, "
+                    f"{self.pool.pending()} queued; stripped {self.counts['stripped']}, "
+                    f"failed {self.counts['failed']}")
+            if text != self._status_sent:  # one datagram per change, not per step
+                self._status_sent = text
+                self.notifier.status(text)
 
     def healthy(self) -> tuple[bool, str]:
         if self.watcher is not None and not self.watcher.alive():
