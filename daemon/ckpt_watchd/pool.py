@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import queue
 import signal
 import threading
@@ -40,7 +41,8 @@ class _Slot:
     def _spawn(self) -> None:
         parent, child = self.pool.ctx.Pipe()
         proc = self.pool.ctx.Process(target=worker_main, name=f"ckpt-watchd-worker-{self.index}",
-                                     args=(child, self.pool.nice, self.pool.io_idle), daemon=True)
+                                     args=(child, self.pool.nice, self.pool.io_idle, os.getpid()),
+                                     daemon=True)
         proc.start()
         child.close()
         self.proc, self.conn = proc, parent

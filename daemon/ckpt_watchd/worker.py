@@ -104,9 +104,9 @@ def _set_io_idle() -> None:
         pass
 
 
-def worker_main(conn: Connection, nice: int, io_idle: bool) -> None:
+def worker_main(conn: Connection, nice: int, io_idle: bool, parent_pid: int) -> None:
     """Entry point of a worker process: strip the jobs the parent sends until the pipe closes."""
-    _die_with_parent()
+    _die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group and systemd may signal the cgroup: the parent decides
     # when a strip is abandoned (drain timeout), so workers ignore both and exit when the pipe closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -123,11 +123,13 @@ def worker_main(conn: Connection, nice: int, io_idle: bool) -> None:
         conn.send(run_job(job))
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     # prctl(PR_SET_PDEATHSIG, SIGKILL): a kill -9 of the daemon must not leave workers writing.
     import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:
+    # the parent may have died before prctl took effect (compared by pid: in a container the
+    # daemon itself is pid 1, so "reparented to 1" proves nothing)
+    if os.getppid() != parent_pid:
         os._exit(0)
