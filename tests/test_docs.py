@@ -43,5 +43,5 @@ def test_ci_runs_the_readme_test_command() -> None:
     """.ci/run installs torch first and runs the README's pytest command."""
     ci = (ROOT / ".ci" / "run").read_text()
     assert "pip install torch==2.13.0 && pip install -e '.[dev]' && python -m pytest" in README
-    assert "torch==2.13.0" in ci and "-e '.[dev]'" in ci and "python -m pytest" in ci
+    assert "torch==2.13.0" in ci and "-e '.[dev]'" in ci and "\npython -m pytest\n" in ci
     assert ci.index("torch==2.13.0") < ci.index("-e '.[dev]'")

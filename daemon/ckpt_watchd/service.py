@@ -484,14 +484,24 @@ class Service:
         return 1 if (self.s.once and self.counts["failed"]) else 0
 
 
+class _NoClaim:
+    def release(self) -> bool:
+        return False
+
+
 def _default_claimer(settings: Settings) -> Callable[[Path, float], Any]:
     from ckpt_watchd import claim
 
     host, pid = socket.gethostname(), os.getpid()
 
     def take(path: Path, wall: float) -> Any:
-        return claim.try_claim(path, host=host, pid=pid, now=wall,
-                               stale_after=settings.claim_timeout)
+        try:
+            return claim.try_claim(path, host=host, pid=pid, now=wall,
+                                   stale_after=settings.claim_timeout)
+        except OSError:
+            # an unwritable folder: no claim is possible, and the strip itself fails there with
+            # a clear, audited error instead of the loop dying here
+            return _NoClaim()
 
     return take
 
