@@ -98,6 +98,7 @@ class Service:
         self._sigints = 0
         self._restarts_seen = 0
         self._status_sent = ""
+        self._unwatched_warned = False
 
     # ------------------------------------------------------------------ threads -> loop
 
@@ -152,13 +153,15 @@ class Service:
 
     def reconcile(self, now: float, wall: float) -> set[Path]:
         """Every weights folder on disk now; runs we track that vanished are forgotten."""
+        found = set(self._find(self.s.root, self.s.pattern, skip=self._skip))
         interval = self.s.rescan_interval
         if self.s.poll is not None:
             interval = self.s.poll
-        elif self.watcher is not None and self.watcher.mode == "polling":
+        elif self.watcher is not None and (
+                self.watcher.mode == "polling" or self._partly_unwatched(found)):
+            # no inotify at all, or not for every folder: poll (cheaply: one stat per file)
             interval = min(interval, _POLL_FALLBACK)
         self.next_reconcile = now + interval
-        found = set(self._find(self.s.root, self.s.pattern, skip=self._skip))
         for run in self.tracker.runs():
             if Path(run) not in found and not os.path.lexists(run):
                 self._forget(Path(run), wall)
@@ -166,6 +169,19 @@ class Service:
         if self.metrics is not None:
             self.metrics.scan_completed(wall)
         return found
+
+    def _partly_unwatched(self, found: set[Path]) -> bool:
+        """Folders inotify could not watch (its limit) are polled instead; say so once."""
+        watched = watcher.watched_inodes()
+        if watched is None:
+            return False
+        missing = watcher.unwatched(found, watched)
+        if missing and not self._unwatched_warned:
+            self._unwatched_warned = True
+            self.warn(f"inotify watches {len(found) - len(missing)} of {len(found)} weights folders "
+                      f"(e.g. not {missing[0]}): fs.inotify.max_user_watches is too low; polling "
+                      f"the unwatched ones every {_POLL_FALLBACK:g}s")
+        return bool(missing)
 
     def _forget(self, wdir: Path, wall: float) -> None:
         self.tracker.forget(str(wdir))

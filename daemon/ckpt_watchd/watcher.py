@@ -9,6 +9,7 @@ and symlinks are never followed out of the root.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import stat
 import threading
@@ -193,6 +194,7 @@ class Watcher:
         self.ignore = tuple(p for p in ignore if p is not None)
         self._warn = warn
         self._observer: Any = None
+        self._overflow: OverflowListener | None = None
         self.mode = "polling"
 
     def start(self) -> None:
@@ -217,6 +219,8 @@ class Watcher:
             return
         self._observer = observer
         self.mode = "inotify"
+        self._overflow = OverflowListener(lambda: self.hints.add_subtree(self.root))
+        logging.getLogger("watchdog.observers").addHandler(self._overflow)
 
     def alive(self) -> bool:
         """False once the observer thread died (e.g. inotify ran out of watches mid-run)."""
@@ -230,6 +234,9 @@ class Watcher:
         self.mode = "polling"
 
     def stop(self) -> None:
+        if self._overflow is not None:
+            logging.getLogger("watchdog.observers").removeHandler(self._overflow)
+            self._overflow = None
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
@@ -297,3 +304,58 @@ def _writable(base: Path, fd: str) -> bool:
             if line.startswith(b"flags:"):
                 return int(line.split()[1], 8) & 0o3 != 0  # O_WRONLY or O_RDWR
     return False
+
+
+def watched_inodes(proc_self: Path = Path("/proc/self")) -> set[tuple[int, int, int]] | None:
+    """(major, minor, inode) of every directory this process's inotify instances watch, or None.
+
+    watchdog skips a subfolder silently when inotify_add_watch fails (fs.inotify.max_user_watches
+    reached); the kernel's fdinfo is the one place that says which folders really are watched.
+    """
+    out: set[tuple[int, int, int]] = set()
+    found = False
+    try:
+        fds = list(os.scandir(proc_self / "fd"))
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            if os.readlink(fd.path) != "anon_inode:inotify":
+                continue
+            text = (proc_self / "fdinfo" / fd.name).read_text()
+        except OSError:
+            continue
+        found = True
+        for line in text.splitlines():
+            if not line.startswith("inotify wd:"):
+                continue
+            fields = dict(f.split(":", 1) for f in line.split()[1:] if ":" in f)
+            with contextlib.suppress(KeyError, ValueError):
+                sdev = int(fields["sdev"], 16)  # the kernel's dev_t: major << 20 | minor
+                out.add((sdev >> 20, sdev & 0xFFFFF, int(fields["ino"], 16)))
+    return out if found else None
+
+
+def unwatched(dirs: Iterable[Path], watched: set[tuple[int, int, int]]) -> list[Path]:
+    """The folders among `dirs` that no inotify watch covers."""
+    missing = []
+    for d in dirs:
+        try:
+            st = os.lstat(d)
+        except OSError:
+            continue
+        if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) not in watched:
+            missing.append(d)
+    return missing
+
+
+class OverflowListener(logging.Handler):
+    """watchdog reports a kernel queue overflow only as a log line; turn it into a full rescan."""
+
+    def __init__(self, on_overflow: Callable[[], None]) -> None:
+        super().__init__(level=logging.WARNING)
+        self._on_overflow = on_overflow
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self._on_overflow()
