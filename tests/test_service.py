@@ -96,7 +96,7 @@ def world(tmp_path: Path) -> Iterator[World]:
         close()
 
 
-def make(world: World, tmp_path: Path, clock: list[float], **opts: Any
+def make(world: World, tmp_path: Path, clock: list[float], claimer: Any = None, **opts: Any
          ) -> tuple[Service, FakePool, Path]:
     world.root.mkdir(exist_ok=True)
     base: dict[str, Any] = {"settle": 60, "rescan_interval": 300, "retry_backoff": 10,
@@ -115,7 +115,8 @@ def make(world: World, tmp_path: Path, clock: list[float], **opts: Any
                   pool_factory=factory,  # type: ignore[arg-type]
                   clock=lambda: clock[0], wall=lambda: 1_000_000 + clock[0],
                   probe=world.probe, find=world.find, cadence=lambda run, newest: None,
-                  in_use=lambda run: 4242 if run in {w.parent for w in world.busy} else None)
+                  in_use=lambda run: 4242 if run in {w.parent for w in world.busy} else None,
+                  claimer=claimer)
     return svc, pools[0], s.audit_log
 
 
@@ -344,3 +345,43 @@ def test_worker_is_prewarmed_before_a_run_is_due(world: World, tmp_path: Path) -
     step(svc, clock, 540.0)
     assert pool.warmed == 1
     assert pool.jobs == []
+
+
+class Claims:
+    """Claims as another daemon on the same NFS root would see them: some paths are taken."""
+
+    def __init__(self) -> None:
+        self.taken: set[str] = set()
+        self.released: list[str] = []
+
+    def __call__(self, path: Path, wall: float) -> Any:
+        if str(path) in self.taken:
+            return None
+        claims = self
+
+        class Claim:
+            def release(self) -> bool:
+                claims.released.append(str(path))
+                return True
+
+        return Claim()
+
+
+def test_file_claimed_by_another_daemon_is_left_to_it(world: World, tmp_path: Path) -> None:
+    """No run.finished and no job while another host holds the claim; ours are released after."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    world.write(wdir, "last.pt", 1_000_000 - 3600)
+    claims = Claims()
+    claims.taken.add(str(wdir / "last.pt"))
+    svc, pool, audit = make(world, tmp_path, clock, claimer=claims)
+    step(svc, clock, 0.0)
+    assert pool.jobs == [] and events(audit, "run.finished") == []
+    claims.taken.clear()
+    step(svc, clock, 59.9)
+    assert pool.jobs == []
+    step(svc, clock, 60.0)
+    assert len(pool.jobs) == 1 and len(events(audit, "run.finished")) == 1
+    pool.finish(STRIPPED)
+    step(svc, clock, 61.0)
+    assert claims.released == [str(wdir / "last.pt")]

@@ -248,8 +248,13 @@ class Service:
             attempts[path] = (row.attempts + 1 if row is not None and row.status == FAILED
                               and row.fingerprint in (None, fp) else 1)
             todo[path] = fp
+        claims, elsewhere = self._claim(todo, wall)
+        todo = {k: v for k, v in todo.items() if k not in elsewhere}
         if not todo:
-            self.tracker.finished(key, p.obs.key)
+            if elsewhere:  # another daemon on this shared root has them: look again later
+                self.tracker.look_again(key, now)
+            else:
+                self.tracker.finished(key, p.obs.key)
             return
         quiet = view.quiet_s if view else self.s.settle
         cadence = view.cadence_s if view else 0.0
@@ -258,21 +263,25 @@ class Service:
         if not self.s.dry_run:
             self.store.upsert_run(run, state="finished", now=wall, cadence_s=cadence)
         self.counts["runs_finished"] += 1
-        work = _RunWork(files=dict(todo))
-        self.work[wdir] = work
+        self.work[wdir] = _RunWork(files=dict(todo), claims=claims, again=bool(elsewhere))
         for path in sorted(todo, key=lambda s: not s.endswith("last.pt")):
-            self._submit(wdir, work, path, attempts[path], wall)
+            self._submit(path, attempts[path])
 
-    def _submit(self, wdir: Path, work: _RunWork, path: str, attempt: int, wall: float) -> None:
-        if self.claimer is not None and not self.s.dry_run:
+    def _claim(self, paths: Iterable[str], wall: float) -> tuple[dict[str, Any], set[str]]:
+        """NFS-safe claims, so that of several daemons on one shared root only one strips a file."""
+        claims: dict[str, Any] = {}
+        elsewhere: set[str] = set()
+        if self.claimer is None or self.s.dry_run:
+            return claims, elsewhere
+        for path in paths:
             claim = self.claimer(Path(path), wall)
-            if claim is None:  # another daemon on this shared root is on it
-                work.files.pop(path, None)
-                work.again = True
-                if not work.files:
-                    self._end_run(wdir, work, self.clock(), wall)
-                return
-            work.claims[path] = claim
+            if claim is None:
+                elsewhere.add(path)
+            else:
+                claims[path] = claim
+        return claims, elsewhere
+
+    def _submit(self, path: str, attempt: int) -> None:
         self.pool.submit(StripJob(
             path=path, dry_run=self.s.dry_run, hashes=True, attempt=attempt, root=str(self.s.root),
             archive_dir=str(self.s.archive_dir) if self.s.archive_dir else None))
@@ -383,9 +392,12 @@ class Service:
             if not match or not self.tracker.hand(str(wdir)):
                 continue  # gone, or changed since: it settles again first
             _n, _k, ino, size, mtime_ns = match[0]
-            work = _RunWork(files={row.path: (ino, size, mtime_ns)})
-            self.work[wdir] = work
-            self._submit(wdir, work, row.path, row.attempts + 1, wall)
+            claims, elsewhere = self._claim([row.path], wall)
+            if elsewhere:
+                self.tracker.look_again(str(wdir), now)
+                continue
+            self.work[wdir] = _RunWork(files={row.path: (ino, size, mtime_ns)}, claims=claims)
+            self._submit(row.path, row.attempts + 1)
 
     # ------------------------------------------------------------------ reporting
 

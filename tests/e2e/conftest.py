@@ -1,0 +1,353 @@
+"""End-to-end harness: checkpoint templates, the daemon as a subprocess, its audit, waiting.
+
+Owns the session's YOLOv5-shaped templates (made by `trainer_sim.py make-checkpoints` in a
+subprocess, so this process never defines trainer classes), `Daemon`, the sd_notify listener and
+`wait_until`. It never depends on tests/fixtures and never sleeps except as a poll period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+E2E_DIR = Path(__file__).resolve().parent
+TRAINER = E2E_DIR / "trainer_sim.py"
+TEMP_PREFIX = ".ckpt-watchd-"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Template:
+    """One unstripped YOLOv5-shaped checkpoint: the bytes a trainer would have written."""
+
+    path: Path
+    data: bytes
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Templates:
+    medium: tuple[Template, ...]  # ~2 MB each, three epochs with different weights
+    small: Template  # ~0.3 MB, for tests that need hundreds of files
+
+
+@pytest.fixture(scope="session")
+def templates(tmp_path_factory: pytest.TempPathFactory) -> Templates:
+    """Generate the checkpoint templates once per session (one torch import, a few seconds)."""
+    out = tmp_path_factory.mktemp("ckpt-templates")
+    subprocess.run([sys.executable, str(TRAINER), "make-checkpoints", str(out)], check=True,
+                   timeout=120, env=clean_env())
+
+    def load(name: str) -> Template:
+        path = out / f"{name}.pt"
+        data = path.read_bytes()
+        return Template(path, data, hashlib.sha256(data).hexdigest())
+
+    return Templates(medium=tuple(load(f"medium-{i}") for i in range(3)), small=load("small-0"))
+
+
+# ---------------------------------------------------------------------------------- files
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_run(root: Path, rel: str, template: Template, *, files: Sequence[str] = ("last.pt",
+             "best.pt"), age_s: float = 3600.0) -> Path:
+    """A run folder `root/rel/weights` holding copies of `template`, last written `age_s` ago."""
+    weights = root / rel / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    when = time.time() - age_s
+    for name in files:
+        target = weights / name
+        shutil.copyfile(template.path, target)
+        os.utime(target, (when, when))
+    return weights
+
+
+def temp_files(root: Path) -> list[Path]:
+    """Our own leftovers: `.ckpt-watchd-<name>.<hex>.tmp` anywhere under `root`."""
+    return sorted(p for p in root.rglob(f"{TEMP_PREFIX}*.tmp") if p.is_file())
+
+
+def is_valid_stripped(path: Path) -> bool:
+    """Loads through the daemon's safe loader and is what a strip makes: epoch -1, no optimizer."""
+    from ckpt_watchd import safeload  # torch: fine in the test process, never in the daemon's
+    from ckpt_watchd.errors import CheckpointError
+
+    try:
+        obj = safeload.load(path).obj
+    except CheckpointError:
+        return False
+    return isinstance(obj, dict) and obj.get("epoch") == -1 and obj.get("optimizer") is None \
+        and obj.get("ema") is None
+
+
+# ---------------------------------------------------------------------------------- waiting
+
+
+def wait_until(predicate: Callable[[], T | None], timeout: float, what: str,
+               interval: float = 0.05, detail: Callable[[], str] | None = None) -> T:
+    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f"\n{detail()}" if detail is not None else ""
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{extra}")
+        time.sleep(interval)  # the poll period of this loop, not a synchronisation guess
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without anything that would reconfigure the daemon."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CKPT_WATCHD_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC",
+                                                             "WATCHDOG_PID")}
+    env.update(extra)
+    return env
+
+
+# ---------------------------------------------------------------------------------- processes
+
+
+def proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (field 3, the state, is index 0)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2:].split()
+
+
+def is_gone(pid: int) -> bool:
+    fields = proc_stat(pid)
+    return fields is None or fields[0] in ("Z", "X")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (workers and multiprocessing's resource tracker)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = proc_stat(int(entry.name))
+        if fields is not None and fields[0] not in ("Z", "X"):
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class NotifyListener:
+    """A systemd-style NOTIFY_SOCKET: collects the daemon's READY=1 / STATUS= datagrams.
+
+    Drained on a thread, because a notify sender blocks once the receiver's queue is full.
+    """
+
+    def __init__(self) -> None:
+        self.address = f"@ckpt-watchd-e2e-{uuid.uuid4().hex}"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(b"\0" + self.address[1:].encode())
+        self._sock.settimeout(0.2)
+        self._lock = threading.Lock()
+        self.messages: list[str] = []
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while not self._closed.is_set():
+            try:
+                data = self._sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.messages.append(data.decode(errors="replace"))
+
+    def snapshot(self) -> list[str]:
+        with self._lock:
+            return list(self.messages)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=2)
+        self._sock.close()
+
+
+class Daemon:
+    """`python -m ckpt_watchd --root ROOT --log-format json ...` as a subprocess."""
+
+    counter = 0
+
+    def __init__(self, root: Path, logs: Path, *args: str, settle: float = 2.0,
+                 notify: NotifyListener | None = None) -> None:
+        Daemon.counter += 1
+        logs.mkdir(parents=True, exist_ok=True)
+        config = logs / "empty.toml"  # shields the tests from a real /etc/ckpt-watchd/config.toml
+        config.touch()
+        self.root = root
+        self.audit_path = root / ".ckpt-watchd" / "audit.jsonl"
+        self.notify = notify
+        self.argv = [sys.executable, "-m", "ckpt_watchd", "--root", str(root), "--log-format",
+                     "json", "--config", str(config), "--settle", f"{settle:g}", *args]
+        self.stderr_path = logs / f"daemon-{Daemon.counter}.stderr"
+        self.audit_offset = len(read_audit(self.audit_path))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        env = clean_env(**({"NOTIFY_SOCKET": self.notify.address} if self.notify else {}))
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=err, env=env,
+                                         cwd=self.stderr_path.parent)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def events(self, name: str | None = None, **match: Any) -> list[dict[str, Any]]:
+        """Audit events written since this daemon was created, optionally filtered."""
+        out = read_audit(self.audit_path)[self.audit_offset:]
+        return [e for e in out if (name is None or e.get("event") == name)
+                and all(e.get(k) == v for k, v in match.items())]
+
+    def stderr_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "daemon stderr (tail):\n" + "\n".join(text.splitlines()[-lines:])
+
+    def wait_events(self, name: str, count: int, timeout: float, **match: Any
+                    ) -> list[dict[str, Any]]:
+        def enough() -> list[dict[str, Any]] | None:
+            found = self.events(name, **match)
+            if len(found) >= count:
+                return found
+            if not self.alive():
+                raise AssertionError(f"daemon exited ({self.proc and self.proc.returncode}) "
+                                     f"while waiting for {name}\n{self.stderr_tail()}")
+            return None
+
+        return wait_until(enough, timeout, f"{count} x {name} {match or ''}",
+                          detail=self.stderr_tail)
+
+    def wait_ready(self, timeout: float = 30.0, status: str = "") -> str:
+        """READY=1, then a STATUS= line containing `status`: start-up and a first round are done.
+
+        The daemon sends STATUS= at the end of every round of its loop ("watching N runs, S
+        settling, Q queued; ..."), so waiting for a given text waits for a state, not a time.
+        """
+        assert self.notify is not None, "start the daemon with notify=True to wait for READY"
+        notify = self.notify
+
+        def ready() -> str | None:
+            msgs = notify.snapshot()
+            if "READY=1" not in msgs:
+                assert self.alive(), f"daemon exited before READY\n{self.stderr_tail()}"
+                return None
+            return next((m for m in msgs[msgs.index("READY=1"):]
+                         if m.startswith("STATUS=") and status in m), None)
+
+        return wait_until(ready, timeout, f"READY=1 and a STATUS with {status!r}",
+                          detail=lambda: f"notify: {notify.snapshot()[-3:]}\n{self.stderr_tail()}")
+
+    def workers(self) -> list[int]:
+        return [p for p in descendants(self.pid) if "multiprocessing.spawn" in cmdline(p)]
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon did not exit {timeout:g}s after SIGTERM\n"
+                                 f"{self.stderr_tail()}") from None
+
+    def kill9(self) -> None:
+        """SIGKILL the daemon and wait until every process it had started is gone too."""
+        assert self.proc is not None
+        below = descendants(self.pid)
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        wait_until(lambda: all(is_gone(p) for p in below), 30,
+                   f"the killed daemon's workers {below} to die")
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill9()
+
+
+def read_audit(path: Path) -> list[dict[str, Any]]:
+    """Complete JSON lines of the audit file (a line still being written is left out)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in raw.split(b"\n")[:-1] if line.strip()]
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    """A factory for Daemon objects; any still running at the end of the test is killed."""
+    made: list[Daemon] = []
+    listeners: list[NotifyListener] = []
+
+    def make(root: Path, *args: str, settle: float = 2.0, notify: bool = False) -> Daemon:
+        listener = NotifyListener() if notify else None
+        listeners.extend([listener] if listener else [])
+        made.append(Daemon(root, tmp_path / "logs", *args, settle=settle, notify=listener))
+        return made[-1].start()
+
+    yield make
+    for d in made:
+        with contextlib.suppress(Exception):
+            d.cleanup()
+    for listener in listeners:
+        listener.close()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "runs"
+    r.mkdir()
+    return r
