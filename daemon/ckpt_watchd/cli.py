@@ -42,6 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as e:
         print(f"ckpt-watchd: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # argparse: usage errors (2), --help and --version (0)
+        return e.code if isinstance(e.code, int) else 2
     except KeyboardInterrupt:
         return 130
 

@@ -40,8 +40,11 @@ class _Slot:
 
     def _spawn(self) -> None:
         parent, child = self.pool.ctx.Pipe()
+        # a forkserver worker's parent is the fork server (which exits with us), not this process
+        expected_parent = None if self.pool.ctx.get_start_method() == "forkserver" else os.getpid()
         proc = self.pool.ctx.Process(target=worker_main, name=f"ckpt-watchd-worker-{self.index}",
-                                     args=(child, self.pool.nice, self.pool.io_idle, os.getpid()),
+                                     args=(child, self.pool.nice, self.pool.io_idle,
+                                           expected_parent),
                                      daemon=True)
         proc.start()
         child.close()
@@ -73,7 +76,10 @@ class _Slot:
                 pool.warm_requested.clear()
                 if self.proc is None or not self.proc.is_alive():
                     self._reap(kill=True)
-                    self._spawn()  # the worker imports torch at once, before any job arrives
+                    # cannot start one now (EAGAIN, ENOMEM): the next job tries again; an
+                    # exception here would end this slot's thread and strand every later job
+                    with contextlib.suppress(OSError):
+                        self._spawn()  # the worker imports torch at once, before any job arrives
                 continue
             self.job = job
             outcome = self._run(job)

@@ -10,6 +10,7 @@ callable that did not pass `find_class`. Imported only in worker processes and o
 from __future__ import annotations
 
 import collections
+import contextlib
 import copyreg
 import datetime
 import decimal
@@ -23,6 +24,7 @@ import stat
 import sys
 import types
 import uuid
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -347,12 +349,51 @@ class StandInPickler(pickle._Pickler):
         pickle._Pickler.save_global(me, obj, name)  # type: ignore[attr-defined]
 
 
+@contextlib.contextmanager
+def standins_importable() -> Iterator[bool]:
+    """Make the stand-in classes findable under their original names while we pickle.
+
+    The C pickler (~5x faster than `StandInPickler`) writes a class by name only after checking
+    that importing that name gives the same object back. For the duration of one save, empty
+    placeholder modules holding the stand-ins are put in `sys.modules`; nothing is imported and
+    nothing runs. Yields False (use `StandInPickler`) when a real module of that name is loaded.
+    """
+    added: list[str] = []
+    try:
+        for (module, qualname), cls in list(_STANDIN_CLASSES.items()):
+            if "." in qualname:
+                yield False
+                return
+            parts = module.split(".")
+            for i in range(1, len(parts) + 1):
+                name = ".".join(parts[:i])
+                existing = sys.modules.get(name)
+                if existing is None:
+                    placeholder = types.ModuleType(name, "ckpt-watchd stand-in namespace")
+                    placeholder.__ckpt_watchd_placeholder__ = True  # type: ignore[attr-defined]
+                    sys.modules[name] = placeholder
+                    added.append(name)
+                    if i > 1:
+                        setattr(sys.modules[".".join(parts[: i - 1])], parts[i - 1], placeholder)
+                elif not getattr(existing, "__ckpt_watchd_placeholder__", False):
+                    yield False
+                    return
+            setattr(sys.modules[module], qualname, cls)
+        yield True
+    finally:
+        for name in reversed(added):
+            sys.modules.pop(name, None)
+
+
 # `pickle_module` objects handed to torch.load / torch.save
 SAFE_PICKLE = types.SimpleNamespace(
     Unpickler=SafeUnpickler, load=_safe_load, loads=_safe_loads, __name__="ckpt_watchd.safe_pickle"
 )
 SAVE_PICKLE = types.SimpleNamespace(
     Pickler=StandInPickler, dump=pickle.dump, dumps=pickle.dumps, __name__="ckpt_watchd.save_pickle"
+)
+FAST_SAVE_PICKLE = types.SimpleNamespace(
+    Pickler=pickle.Pickler, dump=pickle.dump, dumps=pickle.dumps, __name__="ckpt_watchd.fast_pickle"
 )
 
 # --------------------------------------------------------------------------------------- pre-flight
@@ -441,6 +482,8 @@ def preflight(fd: int, size: int) -> Container:
                     "(a trainer is writing it, or was killed mid-write)") from None
             except (OSError, ValueError, EOFError) as e:
                 raise TornWrite(f"incomplete or torn write: {e}") from None
+            except NotImplementedError as e:  # zipfile's answer to a version/feature it lacks
+                raise NotACheckpoint(f"a zip file torch did not write ({e})") from None
             infos = zf.infolist()
         names = [i.filename for i in infos]
         if not any(n.endswith("data.pkl") for n in names):
@@ -488,8 +531,16 @@ def load(path: os.PathLike[str] | str, *, mmap: bool = True) -> Loaded:
         target = _fd_path(fd, os.fspath(path))
         use_mmap = mmap and container.format == "zip"
         try:
-            obj = torch.load(target, map_location="cpu", pickle_module=SAFE_PICKLE,
-                             weights_only=False, mmap=use_mmap)
+            with warnings.catch_warnings():
+                # legacy files carry each class's source and torch warns when a stand-in has
+                # none to compare or torch's own layers changed since; we never use that source,
+                # and under `-W error` either warning would fail the whole load
+                warnings.filterwarnings("ignore", message="Couldn't retrieve source code",
+                                        category=UserWarning)
+                warnings.filterwarnings("ignore",
+                                        category=torch.serialization.SourceChangeWarning)
+                obj = torch.load(target, map_location="cpu", pickle_module=SAFE_PICKLE,
+                                 weights_only=False, mmap=use_mmap)
         except (UnsafePickle, NotACheckpoint, TornWrite):
             raise
         except (EOFError, pickle.UnpicklingError) as e:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -45,9 +47,11 @@ def run_job(job: StripJob) -> Outcome:
 
             before_replace = Archiver(Path(job.archive_dir), Path(job.root) if job.root else None
                                       ).keep
-        return checkpoint.strip_file(
-            Path(job.path), output=Path(job.output) if job.output else None,
-            dry_run=job.dry_run, half=job.half, hashes=job.hashes, before_replace=before_replace)
+        with memory_cap(Path(job.path)):
+            return checkpoint.strip_file(
+                Path(job.path), output=Path(job.output) if job.output else None,
+                dry_run=job.dry_run, half=job.half, hashes=job.hashes,
+                before_replace=before_replace)
     except CheckpointError as e:
         return _failed(job, e.kind, e.message, started)
     except MemoryError:
@@ -60,6 +64,40 @@ def run_job(job: StripJob) -> Outcome:
         return _failed(job, "internal", f"{type(e).__name__}: {e}{at}", started)
 
 
+# What one job may map and allocate beyond the process's current size: the input (mapped), the
+# output (written, then mapped to verify) and this much more for the unpickled structure.
+_JOB_SLACK = 1 << 30
+
+
+@contextlib.contextmanager
+def memory_cap(path: Path) -> Iterator[None]:
+    """Bound the address space for one job: 2 x the file size + 1 GiB above the current size.
+
+    A pickle of a few bytes can make the C unpickler allocate gigabytes (a huge memo index) and
+    on a training box the OOM killer might pick the trainer; with the cap the allocation fails
+    with MemoryError and only this file fails. The previous soft limit is restored afterwards.
+    """
+    try:
+        size = os.lstat(path).st_size
+        with open("/proc/self/statm") as f:
+            current = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    except (OSError, ValueError):
+        yield
+        return
+    cap = current + 2 * size + _JOB_SLACK
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    if soft != resource.RLIM_INFINITY and soft < cap:
+        yield  # someone already set a tighter limit: keep it
+        return
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def _failed(job: StripJob, kind: str, message: str, started: float) -> Outcome:
     return Outcome(path=job.path, status=FAILED, error_type=kind, error=message,
                    duration_s=time.monotonic() - started)
@@ -70,7 +108,8 @@ def inspect_boundary(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     try:
         from ckpt_watchd import checkpoint
 
-        return checkpoint.inspect_file(path), None
+        with memory_cap(path):
+            return checkpoint.inspect_file(path), None
     except CheckpointError as e:
         return None, e.message
     except MemoryError:
@@ -104,7 +143,7 @@ def _set_io_idle() -> None:
         pass
 
 
-def worker_main(conn: Connection, nice: int, io_idle: bool, parent_pid: int) -> None:
+def worker_main(conn: Connection, nice: int, io_idle: bool, parent_pid: int | None) -> None:
     """Entry point of a worker process: strip the jobs the parent sends until the pipe closes."""
     _die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group and systemd may signal the cgroup: the parent decides
@@ -114,7 +153,12 @@ def worker_main(conn: Connection, nice: int, io_idle: bool, parent_pid: int) -> 
     lower_priority(nice, io_idle)
     # import the torch side now: a worker is started just before a strip is due (prewarm), so the
     # strip itself does not wait seconds for torch
+    import torch
+
     from ckpt_watchd import checkpoint  # noqa: F401
+
+    # one thread: a strip is I/O and pickling, and must not compete with training for every core
+    torch.set_num_threads(1)
     while True:
         try:
             job = conn.recv()
@@ -123,7 +167,7 @@ def worker_main(conn: Connection, nice: int, io_idle: bool, parent_pid: int) -> 
         conn.send(run_job(job))
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _die_with_parent(parent_pid: int | None) -> None:
     # prctl(PR_SET_PDEATHSIG, SIGKILL): a kill -9 of the daemon must not leave workers writing.
     import ctypes
 
@@ -131,5 +175,5 @@ def _die_with_parent(parent_pid: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
     # the parent may have died before prctl took effect (compared by pid: in a container the
     # daemon itself is pid 1, so "reparented to 1" proves nothing)
-    if os.getppid() != parent_pid:
+    if parent_pid is not None and os.getppid() != parent_pid:
         os._exit(0)
