@@ -119,7 +119,7 @@ class Archiver:
             except SourceChanged:
                 atomic.remove_quietly(archived)
                 raise
-            _fsync_file(archived)
+            atomic.fsync_path(archived)
         atomic.fsync_dir(archived.parent)
         return archived
 
@@ -133,14 +133,6 @@ class Archiver:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _copy_durably(src: Path, dest: Path, facts: Facts | None) -> None:

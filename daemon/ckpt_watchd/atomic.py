@@ -124,7 +124,13 @@ def replace(tmp: Path, dest: Path) -> None:
 
 
 def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fsync_path(directory, directory=True)
+
+
+def fsync_path(path: Path, *, directory: bool = False) -> None:
+    """fsync a file or folder by name (never following a symlink to a file)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_DIRECTORY if directory else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:

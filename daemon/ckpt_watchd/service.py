@@ -114,12 +114,7 @@ class Service:
         if self.reopen_requested:
             self.reopen_requested = False
             self.auditor.reopen()
-        while True:
-            try:
-                job, outcome = self.outcomes.get_nowait()
-            except queue.Empty:
-                break
-            self._handle(job, outcome, now, wall)
+        self._drain_outcomes(now, wall)
         runs, subtrees = self.hints.drain()
         for sub in subtrees:
             runs.update(self._runs_under(sub))
@@ -143,6 +138,14 @@ class Service:
                                  self._wall_to_mono(self.store.next_retry_at(), now, wall))
                      if d is not None]
         return min(deadlines) if deadlines else None
+
+    def _drain_outcomes(self, now: float, wall: float) -> None:
+        while True:
+            try:
+                job, outcome = self.outcomes.get_nowait()
+            except queue.Empty:
+                return
+            self._handle(job, outcome, now, wall)
 
     @staticmethod
     def _wall_to_mono(at: float | None, now: float, wall: float) -> float | None:
@@ -501,13 +504,7 @@ class Service:
         if self.watcher is not None:
             self.watcher.stop()
         self.pool.shutdown(self.s.drain_timeout)
-        now, wall = self.clock(), self.wall()
-        while True:
-            try:
-                job, outcome = self.outcomes.get_nowait()
-            except queue.Empty:
-                break
-            self._handle(job, outcome, now, wall)
+        self._drain_outcomes(self.clock(), self.wall())
         self.auditor.emit(audit.DAEMON_STOPPED, **self.counts)
         return 1 if (self.s.once and self.counts["failed"]) else 0
 
