@@ -385,3 +385,19 @@ def test_file_claimed_by_another_daemon_is_left_to_it(world: World, tmp_path: Pa
     pool.finish(STRIPPED)
     step(svc, clock, 61.0)
     assert claims.released == [str(wdir / "last.pt")]
+
+
+def test_run_left_finished_by_a_kill_is_marked_stripped_on_restart(world: World, tmp_path: Path) -> None:
+    """Killed after the strips were recorded but before the run's state was: the restart fixes it."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    world.write(wdir, "last.pt", 1_000_000 - 3600)
+    svc, _pool, _audit = make(world, tmp_path, clock)
+    run = str(wdir.parent)
+    ino, size, mtime = world.files[wdir]["last.pt"]
+    svc.store.upsert_run(run, state="finished", now=0.0)
+    svc.store.record_outcome(Outcome(path=str(wdir / "last.pt"), status=STRIPPED,
+                                     fingerprint=(ino, size, mtime)), run=run, now=0.0, attempt=1)
+    step(svc, clock, 0.0)
+    row = svc.store.get_run(run)
+    assert row is not None and row.state == "stripped"

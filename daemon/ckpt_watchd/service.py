@@ -25,7 +25,7 @@ from ckpt_watchd import atomic, audit, paths, watcher
 from ckpt_watchd.errors import StartupError
 from ckpt_watchd.outcome import FAILED, STRIPPED, WOULD_STRIP, Outcome
 from ckpt_watchd.settings import Settings
-from ckpt_watchd.state import StateStore
+from ckpt_watchd.state import GIVEN_UP, StateStore
 from ckpt_watchd.tracker import DONE, SETTLING, Tracker
 from ckpt_watchd.worker import StripJob
 
@@ -258,6 +258,7 @@ class Service:
                 self.tracker.look_again(key, now)
             else:
                 self.tracker.finished(key, p.obs.key)
+                self._record_done(run, wall)
             return
         quiet = view.quiet_s if view else self.s.settle
         cadence = view.cadence_s if view else 0.0
@@ -269,6 +270,15 @@ class Service:
         self.work[wdir] = _RunWork(files=dict(todo), claims=claims, again=bool(elsewhere))
         for path in sorted(todo, key=lambda s: not s.endswith("last.pt")):
             self._submit(path, attempts[path])
+
+    def _record_done(self, run: str, wall: float) -> None:
+        """Every file was already dealt with (a restart after a kill): make the run's state say so."""
+        row = self.store.get_run(run)
+        if self.s.dry_run or row is None or row.state in ("stripped", "failed", "kept"):
+            return
+        failed = [c for c in self.store.checkpoints_of(run) if c.status == GIVEN_UP]
+        self.store.upsert_run(run, state="failed" if failed else "stripped", now=wall,
+                              reason=failed[0].error if failed else None)
 
     def _claim(self, paths: Iterable[str], wall: float) -> tuple[dict[str, Any], set[str]]:
         """NFS-safe claims, so that of several daemons on one shared root only one strips a file."""
