@@ -64,11 +64,22 @@ class _Slot:
     def _loop(self) -> None:
         pool = self.pool
         while True:
+            warm = self.proc is not None
+            if not warm:
+                # a slot without a worker leaves jobs to an idle warm one: taking it would make
+                # the strip wait seconds for a spawn and a torch import while a worker sits idle
+                with pool.cv:
+                    pool.cv.wait_for(lambda: pool.warm_idle == 0)
+            else:
+                pool.note_warm_idle(+1)
             try:
-                job = pool.jobs.get(timeout=pool.idle_exit if self.proc is not None else None)
+                job = pool.jobs.get(timeout=pool.idle_exit if warm else None)
             except queue.Empty:
+                pool.note_warm_idle(-1)
                 self._reap(kill=True)  # idle: give torch's memory back until the next job
                 continue
+            if warm:
+                pool.note_warm_idle(-1)
             if job is None:
                 self._reap(kill=True)
                 return
@@ -147,6 +158,8 @@ class WorkerPool:
         self.jobs: queue.Queue[StripJob | None] = queue.Queue()
         self.cancelling = threading.Event()
         self.warm_requested = threading.Event()
+        self.cv = threading.Condition()
+        self.warm_idle = 0  # slots with a live worker waiting for a job
         self.restarts = 0
         self._lock = threading.Lock()
         self._in_flight = 0
@@ -168,6 +181,11 @@ class WorkerPool:
         """Jobs submitted and not finished yet (queued or running)."""
         with self._lock:
             return self._in_flight
+
+    def note_warm_idle(self, delta: int) -> None:
+        with self.cv:
+            self.warm_idle += delta
+            self.cv.notify_all()
 
     def prewarm(self) -> None:
         """Have one worker process started (and torch imported) before the next job arrives."""

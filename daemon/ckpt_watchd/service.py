@@ -36,6 +36,8 @@ _ACTIVE_KINDS = frozenset({"torn", "changed"})
 _POLL_FALLBACK = 30.0
 # Start a worker this long before the first settling run is due (less than the pool's idle exit).
 _PREWARM_S = 60.0
+# At most one round per this many seconds when only file events woke the loop.
+_COALESCE_S = 0.5
 
 
 class Pool(Protocol):
@@ -229,16 +231,6 @@ class Service:
                 self.store.upsert_run(run, state="kept", now=wall, reason=paths.KEEP_MARKER)
             self.auditor.emit(audit.RUN_KEPT, run=run, reason=f"{paths.KEEP_MARKER} present")
             return
-        pid = self._in_use(wdir.parent)
-        if pid is not None:
-            # quiet files, but a live process still holds the run's files open: a slow epoch
-            if run not in self._busy_reported:
-                self._busy_reported.add(run)
-                self.auditor.emit(audit.RUN_BUSY, run=run, pid=pid,
-                                  reason="quiet, but a process still has files in the run open")
-            self.tracker.look_again(key, now)
-            return
-        self._busy_reported.discard(run)
         todo: dict[str, tuple[int, int, int]] = {}
         attempts: dict[str, int] = {}
         for name, _kind, ino, size, mtime_ns in p.files:
@@ -251,14 +243,25 @@ class Service:
             attempts[path] = (row.attempts + 1 if row is not None and row.status == FAILED
                               and row.fingerprint in (None, fp) else 1)
             todo[path] = fp
+        if not todo:
+            self.tracker.finished(key, p.obs.key)
+            self._record_done(run, wall)
+            return
+        # only now, with work to do, look for a live writer (a /proc scan, ~ms)
+        pid = self._in_use(wdir.parent)
+        if pid is not None:
+            # quiet files, but a live process still holds the run's files open: a slow epoch
+            if run not in self._busy_reported:
+                self._busy_reported.add(run)
+                self.auditor.emit(audit.RUN_BUSY, run=run, pid=pid,
+                                  reason="quiet, but a process still has files in the run open")
+            self.tracker.look_again(key, now)
+            return
+        self._busy_reported.discard(run)
         claims, elsewhere = self._claim(todo, wall)
         todo = {k: v for k, v in todo.items() if k not in elsewhere}
-        if not todo:
-            if elsewhere:  # another daemon on this shared root has them: look again later
-                self.tracker.look_again(key, now)
-            else:
-                self.tracker.finished(key, p.obs.key)
-                self._record_done(run, wall)
+        if not todo:  # another daemon on this shared root has them all: look again later
+            self.tracker.look_again(key, now)
             return
         quiet = view.quiet_s if view else self.s.settle
         cadence = view.cadence_s if view else 0.0
@@ -472,11 +475,32 @@ class Service:
             self.watcher.mode = "polling"
         runs = self.reconcile(now, wall)
         if not self.s.dry_run:
-            for run in runs:
-                for tmp in atomic.remove_stale_temps(run):
+            for wdir in runs:
+                for tmp in atomic.remove_stale_temps(wdir):
                     log.info("removed stale temp file", path=str(tmp))
+                self._clear_abandoned_claims(wdir, wall)
         for run in runs:
             self._observe(run, now, wall)
+
+    def _clear_abandoned_claims(self, wdir: Path, wall: float) -> None:
+        """Claims a killed daemon left on files it had finished: take each over and release it.
+
+        Files that still need work are claimed anew anyway; these would otherwise stay forever.
+        A claim another live daemon holds is left alone (the claimer refuses it).
+        """
+        if self.claimer is None:
+            return
+        from ckpt_watchd.claim import CLAIM_PREFIX
+
+        try:
+            names = [e.name for e in os.scandir(wdir)
+                     if e.name.startswith(CLAIM_PREFIX) and e.name.endswith(".lock")]
+        except OSError:
+            return
+        for name in names:
+            claim = self.claimer(wdir / name[len(CLAIM_PREFIX):-len(".lock")], wall)
+            if claim is not None:
+                claim.release()
 
     def warn(self, message: str) -> None:
         self.auditor.emit(audit.WARNING, message=message)
@@ -504,8 +528,12 @@ class Service:
                     self.notifier.watchdog()
                 next_ping = now + ping
             waits = [d - now for d in (deadline, next_ping if ping else None) if d is not None]
-            self.wake.wait(timeout=max(0.0, min(waits)) if waits else None)
+            woken = self.wake.wait(timeout=max(0.0, min(waits)) if waits else None)
             self.wake.clear()
+            if woken and self.outcomes.empty() and not self.reopen_requested:
+                # woken by file events only: gather them for a moment, so a storm of writes
+                # costs one round per _COALESCE_S instead of one per event (stop still wakes us)
+                self.stop_event.wait(max(0.0, now + _COALESCE_S - self.clock()))
         return self.shutdown()
 
     def shutdown(self) -> int:

@@ -182,6 +182,9 @@ class Hints:
         return runs, subtrees
 
 
+_WEIGHTS, _PREFIX, _OTHER = "weights", "prefix", "other"
+
+
 class Watcher:
     """A watchdog observer on the root that feeds `Hints`; falls back to polling when it cannot."""
 
@@ -195,10 +198,20 @@ class Watcher:
         self._warn = warn
         self._observer: Any = None
         self._overflow: OverflowListener | None = None
+        self._kinds: dict[str, str] = {}
         self.mode = "polling"
 
     def start(self) -> None:
-        from watchdog.events import FileSystemEventHandler
+        from watchdog.events import (
+            DirCreatedEvent,
+            DirDeletedEvent,
+            DirMovedEvent,
+            FileClosedEvent,
+            FileCreatedEvent,
+            FileDeletedEvent,
+            FileMovedEvent,
+            FileSystemEventHandler,
+        )
         from watchdog.observers import Observer
 
         watcher = self
@@ -209,7 +222,12 @@ class Watcher:
 
         try:
             observer = Observer()
-            observer.schedule(Handler(), str(self.root), recursive=True)
+            # Only what can change a checkpoint or the tree. Without the filter inotify also
+            # reports every open and every directory listing: our own scans would flood its
+            # queue, and each overflow makes watchdog walk the whole tree again.
+            observer.schedule(Handler(), str(self.root), recursive=True, event_filter=[
+                FileClosedEvent, FileCreatedEvent, FileMovedEvent, FileDeletedEvent,
+                DirCreatedEvent, DirMovedEvent, DirDeletedEvent])
             observer.start()
         except OSError as e:
             self._warn(f"cannot watch {self.root} with inotify ({e.strerror or e}); "
@@ -243,28 +261,49 @@ class Watcher:
             self._observer = None
 
     def on_event(self, event: Any) -> None:
-        """Runs on the observer thread: only path arithmetic and a set insert."""
+        """Runs on the observer thread: a cached decision per folder and a set insert."""
         for raw in (getattr(event, "src_path", None), getattr(event, "dest_path", None)):
             if not raw:
                 continue
-            path = Path(os.fsdecode(raw))
-            if paths.is_own_file(path.name) or any(paths.is_inside(path, d) for d in self.ignore):
-                continue
-            rel = paths.relative_to(path, self.root)
-            if rel is None:
+            name = os.fsdecode(raw)
+            folder, _, base = name.rpartition("/")
+            if paths.is_own_file(base):
                 continue
             if event.is_directory:
-                if paths.is_weights_dir(rel, self.patterns):
-                    self.hints.add_run(path)
-                elif paths.could_contain_weights_dir(rel, self.patterns):
-                    self.hints.add_subtree(path)
+                kind = self._classify(name)
+                if kind == _WEIGHTS:
+                    self.hints.add_run(Path(name))
+                elif kind == _PREFIX:
+                    self.hints.add_subtree(Path(name))
                 continue
-            parent = rel.parent
-            if path.name in self.files and paths.is_weights_dir(parent, self.patterns):
-                self.hints.add_run(path.parent)
-            elif path.name == paths.KEEP_MARKER and paths.could_contain_weights_dir(
-                    parent, self.patterns):
-                self.hints.add_subtree(path.parent)
+            if base in self.files:
+                if self._classify(folder) == _WEIGHTS:
+                    self.hints.add_run(Path(folder))
+            elif base == paths.KEEP_MARKER and self._classify(folder) == _PREFIX:
+                self.hints.add_subtree(Path(folder))
+
+    def _classify(self, folder: str) -> str:
+        """Weights folder, a folder that may gain one, or neither; remembered per folder string.
+
+        An event storm (hundreds of trainers rewriting last.pt) asks about the same few hundred
+        folders thousands of times a second: glob matching each time costs real CPU.
+        """
+        kind = self._kinds.get(folder)
+        if kind is None:
+            path = Path(folder)
+            rel = paths.relative_to(path, self.root)
+            if rel is None or any(paths.is_inside(path, d) for d in self.ignore):
+                kind = _OTHER
+            elif paths.is_weights_dir(rel, self.patterns):
+                kind = _WEIGHTS
+            elif paths.could_contain_weights_dir(rel, self.patterns):
+                kind = _PREFIX
+            else:
+                kind = _OTHER
+            if len(self._kinds) > 200_000:  # bounded: a huge tree must not grow it forever
+                self._kinds.clear()
+            self._kinds[folder] = kind
+        return kind
 
 
 def run_in_use(run_dir: Path, proc: Path = Path("/proc")) -> int | None:
