@@ -89,6 +89,7 @@ class Service:
         self.notifier = notifier
         self.metrics = metrics
         self.stop_event = threading.Event()
+        self.urgent = threading.Event()  # outcomes and stop requests end a coalescing pause
         self.reopen_requested = False
         self.work: dict[Path, _RunWork] = {}  # weights dir -> its files out for stripping
         self.counts = {"stripped": 0, "skipped": 0, "failed": 0, "would_strip": 0,
@@ -107,6 +108,7 @@ class Service:
     def _on_done(self, job: StripJob, outcome: Outcome) -> None:
         """Called on a pool thread: hand the outcome to the loop."""
         self.outcomes.put((job, outcome))
+        self.urgent.set()
         self.wake.set()
 
     # ------------------------------------------------------------------ one round
@@ -449,6 +451,7 @@ class Service:
 
     def request_stop(self, *_: Any) -> None:
         self.stop_event.set()
+        self.urgent.set()
         self.wake.set()
 
     def on_sigint(self, *_: Any) -> None:
@@ -532,8 +535,10 @@ class Service:
             self.wake.clear()
             if woken and self.outcomes.empty() and not self.reopen_requested:
                 # woken by file events only: gather them for a moment, so a storm of writes
-                # costs one round per _COALESCE_S instead of one per event (stop still wakes us)
-                self.stop_event.wait(max(0.0, now + _COALESCE_S - self.clock()))
+                # costs one round per _COALESCE_S instead of one per event; an outcome or a
+                # stop request ends the pause at once
+                self.urgent.wait(max(0.0, now + _COALESCE_S - self.clock()))
+            self.urgent.clear()
         return self.shutdown()
 
     def shutdown(self) -> int:
