@@ -204,6 +204,12 @@ def _const(value: Any) -> Callable[[], Any]:
     return lambda: value
 
 
+def _no_size(kind: type, args: tuple[Any, ...]) -> Any:
+    if args and not isinstance(args[0], (str, bytes, bytearray)):
+        raise UnsafePickle(f"builtins.{kind.__name__} with a {type(args[0]).__name__} argument")
+    return kind(*args)
+
+
 def _numpy(name: str) -> Callable[[], Any]:
     return lambda: _numpy_global(name)
 
@@ -221,9 +227,13 @@ _PATH_CLASSES = {
 # own tensor rebuild functions; none of them imports, opens, evaluates or looks up by name.
 _SAFE: dict[tuple[str, str], Callable[[], Any]] = {
     **{("builtins", n): _attr(__import__("builtins"), n) for n in (
-        "set", "frozenset", "list", "dict", "tuple", "bytearray", "bytes", "complex", "slice",
-        "range", "int", "float", "str", "bool",
+        "set", "frozenset", "list", "dict", "tuple", "complex", "slice", "int", "float", "str",
+        "bool",
     )},
+    # bytes(N) / bytearray(N) would let a few bytes of pickle allocate (and the strip write out)
+    # N bytes; pickle itself only ever passes them a string and an encoding (or nothing)
+    ("builtins", "bytes"): _const(lambda *a: _no_size(bytes, a)),
+    ("builtins", "bytearray"): _const(lambda *a: _no_size(bytearray, a)),
     ("collections", "OrderedDict"): lambda: collections.OrderedDict,
     ("collections", "defaultdict"): lambda: collections.defaultdict,
     ("collections", "deque"): lambda: collections.deque,

@@ -102,6 +102,7 @@ class Service:
         self._restarts_seen = 0
         self._status_sent = ""
         self._unwatched_warned = False
+        self._torn_seen: set[tuple[str, tuple[int, int, int]]] = set()
 
     # ------------------------------------------------------------------ threads -> loop
 
@@ -311,22 +312,37 @@ class Service:
         claim = work.claims.pop(job.path, None) if work else None
         if claim is not None:
             claim.release()
-        self._record(job, outcome, wdir.parent, fp, now, wall)
+        active = self._is_activity(job.path, fp, outcome)
+        self._record(job, outcome, wdir.parent, fp, now, wall, active)
         if work is None:
             return
         work.outcomes.append(outcome)
         work.files.pop(job.path, None)
-        if outcome.status == FAILED and outcome.error_type in _ACTIVE_KINDS:
+        if active:
             work.again = True
         if not work.files:
             self._end_run(wdir, work, now, wall)
 
+    def _is_activity(self, path: str, fp: tuple[int, int, int] | None, o: Outcome) -> bool:
+        """A torn or changing file means a trainer is writing: look again, do not count a failure.
+
+        But a torn file that is still byte-for-byte the same torn file a quiet period later is a
+        trainer killed mid-save: from then on it fails like any bad file (retries, then given up).
+        """
+        if o.status != FAILED or o.error_type not in _ACTIVE_KINDS:
+            return False
+        if o.error_type == "torn" and fp is not None:
+            if (path, fp) in self._torn_seen:
+                return False
+            self._torn_seen.add((path, fp))
+        return True
+
     def _record(self, job: StripJob, o: Outcome, run: Path, fp: tuple[int, int, int] | None,
-                now: float, wall: float) -> None:
+                now: float, wall: float, active: bool = False) -> None:
         r = str(run)
         if self.metrics is not None:
             self.metrics.record_outcome(o)
-        if o.status == FAILED and o.error_type in _ACTIVE_KINDS:
+        if active:
             # a trainer is writing: not an error, the run settles again
             self.auditor.emit(audit.CKPT_SKIPPED, path=o.path, run=r,
                               reason=f"{o.error}; will look again after the next quiet period")
@@ -546,7 +562,11 @@ class Service:
             self.notifier.stopping()
         if self.watcher is not None:
             self.watcher.stop()
-        self.pool.shutdown(self.s.drain_timeout)
+        for job in self.pool.shutdown(self.s.drain_timeout):  # never started: give claims back
+            work = self.work.get(Path(job.path).parent)
+            claim = work.claims.pop(job.path, None) if work else None
+            if claim is not None:
+                claim.release()
         self._drain_outcomes(self.clock(), self.wall())
         self.auditor.emit(audit.DAEMON_STOPPED, **self.counts)
         return 1 if (self.s.once and self.counts["failed"]) else 0

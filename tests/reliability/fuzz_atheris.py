@@ -1,0 +1,96 @@
+"""Coverage-guided fuzzing of the safe loader with atheris (libFuzzer); not collected by pytest.
+
+Usage (atheris is not a project dependency: `pip install atheris` first):
+
+    python tests/reliability/fuzz_atheris.py [--pickle-only] [--seed-from DIR] CORPUS_DIR [flags]
+    e.g. python tests/reliability/fuzz_atheris.py --seed-from /tmp/ckpts /tmp/fuzz-corpus \
+             -runs=20000 -rss_limit_mb=4096 -artifact_prefix=/tmp/fuzz-
+
+CORPUS_DIR starts as real checkpoints (`--seed-from DIR` copies the *.pt files of DIR into it, or
+their data.pkl with `--pickle-only`); libFuzzer adds the inputs that reach new code. With
+`--pickle-only` each input is a data.pkl placed inside a valid torch zip, so the unpickler is
+reached. Anything but success or a `CheckpointError` is a crash: libFuzzer saves the input as
+`crash-*`. Only ckpt_watchd is instrumented for coverage (torch would take minutes); each load
+runs under the worker's per-job memory cap, as in the daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import atheris
+import torch  # noqa: F401  (imported before instrumenting: instrumenting torch takes minutes)
+
+with atheris.instrument_imports(include=["ckpt_watchd"]):
+    from ckpt_watchd import safeload
+    from ckpt_watchd.errors import CheckpointError
+    from ckpt_watchd.worker import memory_cap
+
+_TMP = Path(tempfile.mkdtemp(prefix="ckpt-watchd-atheris-"))
+_TEMPLATE: bytes | None = None  # a torch zip whose data.pkl each --pickle-only input replaces
+
+
+def _with_data_pkl(template: bytes, pkl: bytes) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(template)) as zin, zipfile.ZipFile(out, "w") as zout:
+        for info in zin.infolist():
+            body = pkl if info.filename.endswith("/data.pkl") else zin.read(info)
+            zout.writestr(zipfile.ZipInfo(info.filename), body)
+    return out.getvalue()
+
+
+def test_one_input(data: bytes) -> None:
+    if _TEMPLATE is not None:
+        data = _with_data_pkl(_TEMPLATE, data)
+    path = _TMP / "input.pt"
+    # unlink first: the previous load may still map the previous file's pages
+    path.unlink(missing_ok=True)
+    path.write_bytes(data)
+    with contextlib.suppress(CheckpointError), memory_cap(path):  # as in a worker
+        safeload.load(path)
+
+
+def _seed(corpus: Path, source: Path, pickle_only: bool) -> None:
+    corpus.mkdir(parents=True, exist_ok=True)
+    for pt in sorted(source.glob("*.pt")):
+        data = pt.read_bytes()
+        if pickle_only:
+            if not data.startswith(b"PK\x03\x04"):
+                continue
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                data = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
+        (corpus / pt.name).write_bytes(data)
+
+
+def main(argv: list[str]) -> None:
+    global _TEMPLATE
+    args = list(argv)
+    pickle_only = "--pickle-only" in args
+    if pickle_only:
+        args.remove("--pickle-only")
+    if "--seed-from" in args:
+        i = args.index("--seed-from")
+        source = Path(args[i + 1])
+        del args[i:i + 2]
+        corpus = next(Path(a) for a in args[1:] if not a.startswith("-"))
+        _seed(corpus, source, pickle_only)
+        if pickle_only:
+            _TEMPLATE = next(p.read_bytes() for p in sorted(source.glob("*.pt"))
+                             if p.read_bytes().startswith(b"PK\x03\x04"))
+    elif pickle_only:
+        template = os.environ.get("CKPT_WATCHD_FUZZ_TEMPLATE")
+        if not template:
+            sys.exit("--pickle-only needs --seed-from DIR or CKPT_WATCHD_FUZZ_TEMPLATE=a torch zip")
+        _TEMPLATE = Path(template).read_bytes()
+    atheris.Setup(args, test_one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,303 @@
+"""Worker processes killed mid-strip, and a worker hung past the job timeout.
+
+A real `WorkerPool` strips small checkpoints while a test thread SIGKILLs the worker running a
+chosen job at a random moment (seeded RNG; the moments span a whole strip, measured beforehand).
+After each job its file is the original bytes or a valid stripped file, a killed job is a failed
+Outcome ("crash"), no temp file is left and the pool goes on serving.
+
+Hundreds of respawns are only cheap if a new worker does not import torch again, so the big runs
+use the pool's forkserver start method with torch preloaded in the fork server. The parent-side
+code under test (crash detection, reaping, temp cleanup, respawn) is the same for every start
+method; one smaller run uses spawn, as the daemon does.
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import queue
+import random
+import shutil
+import signal
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ckpt_watchd.outcome import FAILED, STRIPPED, Outcome
+from ckpt_watchd.pool import WorkerPool
+from ckpt_watchd.worker import StripJob
+from fixtures import payloads
+from reliability.conftest import is_valid_stripped, temp_files
+
+SEED = 20261128
+
+
+class PoolHarness:
+    """A WorkerPool whose outcomes land in a queue, and a way to kill the worker running a job."""
+
+    def __init__(self, *, size: int, job_timeout: float, start_method: str) -> None:
+        if start_method == "forkserver":
+            # workers fork from a server that imported torch (and never ran it): respawns are cheap
+            multiprocessing.get_context("forkserver").set_forkserver_preload(
+                ["ckpt_watchd.checkpoint"])
+        self.done: queue.Queue[tuple[StripJob, Outcome]] = queue.Queue()
+        self.ended: set[str] = set()  # paths whose job has ended (written on the slot threads)
+        self.pool = WorkerPool(size, job_timeout=job_timeout, nice=0, io_idle=False,
+                               on_done=self._on_done, start_method=start_method)
+
+    def _on_done(self, job: StripJob, outcome: Outcome) -> None:
+        self.ended.add(job.path)
+        self.done.put((job, outcome))
+
+    def outcomes(self, count: int, timeout: float) -> dict[str, Outcome]:
+        deadline = time.monotonic() + timeout
+        out = {}
+        while len(out) < count:
+            try:
+                job, outcome = self.done.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"only {len(out)} of {count} jobs ended in {timeout:g}s") \
+                    from None
+            out[job.path] = outcome
+        return out
+
+    def picked_up(self, job: StripJob, timeout: float = 60) -> float:
+        """Wait until a slot has taken `job` (or it has already ended); the moment it was seen."""
+        deadline = time.monotonic() + timeout
+        while not any(s.job is job for s in self.pool._slots) and job.path not in self.ended:
+            assert time.monotonic() < deadline, f"no slot took {job.path} in {timeout:g}s"
+            time.sleep(0.0005)  # the poll period of this loop
+        return time.monotonic()
+
+    def kill_worker_of(self, job: StripJob) -> bool:
+        """SIGKILL the worker process running `job`; False if no slot is on it (any more)."""
+        for slot in self.pool._slots:
+            proc = slot.proc
+            if slot.job is job and proc is not None and proc.pid is not None:
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    return False
+                return True
+        return False
+
+    def close(self) -> None:
+        self.pool.shutdown(drain_timeout=10)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One job as the pool saw it: its file and how it ended."""
+
+    path: str
+    status: str
+    error_type: str | None
+    error: str | None
+
+
+def new_file(base: Path, i: int, template: Path) -> Path:
+    path = base / f"run-{i}" / "last.pt"
+    path.parent.mkdir(parents=True)
+    shutil.copyfile(template, path)
+    path.chmod(0o644)
+    return path
+
+
+def kill_at_random(h: PoolHarness, base: Path, template: Path, strips: int,
+                   kill_fraction: float, seed: int) -> tuple[list[Record], int]:
+    """Strip `strips` copies of `template`, two at a time, killing workers at random moments.
+
+    Returns every job's record and the number of SIGKILLs sent. Which job a kill hits is not
+    recorded: between finding the worker of a job and killing it, that worker may have finished
+    the job and taken the other one of the pair.
+    """
+    rng = random.Random(seed)
+    # warm-up: start both workers and learn how long one strip takes on this machine
+    warm = [new_file(base, -1 - i, template) for i in range(4)]
+    for p in warm:
+        h.pool.submit(StripJob(path=str(p)))
+    typical = statistics.median(o.duration_s for o in h.outcomes(4, timeout=120).values())
+
+    records, kills = [], 0
+    for first in range(0, strips, 2):
+        jobs = [StripJob(path=str(new_file(base, i, template))) for i in (first, first + 1)]
+        plan = sorted(((rng.uniform(0, 1.2 * typical), job) for job in jobs
+                       if rng.random() < kill_fraction), key=lambda x: x[0])
+        for job in jobs:
+            h.pool.submit(job)
+        started = {job.path: h.picked_up(job) for _, job in plan}
+        for delay, job in plan:
+            # the random moment after the job started is this test's input, not a synchronisation
+            time.sleep(max(0.0, started[job.path] + delay - time.monotonic()))
+            kills += h.kill_worker_of(job)
+        for path, o in h.outcomes(2, timeout=120).items():
+            records.append(Record(path, o.status, o.error_type, o.error))
+    return records, kills
+
+
+def problems(records: list[Record], original: bytes) -> list[str]:
+    """What is wrong with each job's file and outcome (empty when every job is consistent)."""
+    found = []
+    for r in records:
+        path = Path(r.path)
+        if temp_files(path.parent):
+            found.append(f"{path}: temp files left: {temp_files(path.parent)}")
+        if r.status == FAILED:
+            if r.error_type != "crash" or "killed by SIGKILL" not in (r.error or ""):
+                found.append(f"{path}: unexpected failure {r.error_type}: {r.error}")
+            elif path.read_bytes() != original and not is_valid_stripped(path):
+                found.append(f"{path}: killed mid-strip, left neither original nor stripped")
+        elif r.status != STRIPPED or not is_valid_stripped(path):
+            found.append(f"{path}: {r.status}, but not a valid stripped file")
+    return found
+
+
+@pytest.fixture
+def pools() -> Iterator[Callable[..., PoolHarness]]:
+    """`pools(size=, job_timeout=, start_method=)`: a PoolHarness, shut down at teardown."""
+    made: list[PoolHarness] = []
+
+    def make(**kw: Any) -> PoolHarness:
+        made.append(PoolHarness(**kw))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.close()
+
+
+def _kills(h: PoolHarness, template: Path, base: Path, strips: int, seed: int) -> None:
+    records, kills = kill_at_random(h, base, template, strips=strips, kill_fraction=0.5, seed=seed)
+    assert len(records) == strips
+    assert problems(records, template.read_bytes()) == []
+    crashes = sum(r.status == FAILED for r in records)
+    # every failure is one of our kills (a kill that came after the reply fails nothing), and
+    # every job not killed was served
+    assert 1 <= crashes <= kills and h.pool.restarts == crashes and h.pool.alive()
+    last = new_file(base, 100_000, template)
+    h.pool.submit(StripJob(path=str(last)))
+    assert h.outcomes(1, timeout=120)[str(last)].status == STRIPPED
+
+
+@pytest.mark.timeout(280)
+def test_killing_workers_mid_strip_never_loses_a_file(
+        ckpts: Path, tmp_path: Path, pools: Callable[..., PoolHarness]) -> None:
+    """200 strips, about half SIGKILLed at a random moment: every file original or stripped."""
+    h = pools(size=2, job_timeout=60, start_method="forkserver")
+    _kills(h, ckpts / "yolov5.pt", tmp_path, strips=200, seed=SEED)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("kind", ["yolov5", "ultralytics"])
+def test_thousand_strips_with_random_worker_kills(
+        ckpts: Path, tmp_path: Path, pools: Callable[..., PoolHarness], kind: str) -> None:
+    """1,000 strips per layout with SIGKILLs at random moments: no file is ever lost."""
+    h = pools(size=2, job_timeout=60, start_method="forkserver")
+    _kills(h, ckpts / f"{kind}.pt", tmp_path, strips=1000, seed=SEED + len(kind))
+
+
+@pytest.mark.timeout(200)
+def test_spawned_workers_recover_from_kills(ckpts: Path, tmp_path: Path,
+                                            pools: Callable[..., PoolHarness]) -> None:
+    """With spawn (the daemon's start method), workers killed mid-job are replaced."""
+    h = pools(size=2, job_timeout=120, start_method="spawn")
+    rng = random.Random(SEED)
+    # jobs that never end by themselves, so each kill lands mid-job whatever the machine's speed
+    jobs = []
+    for i in range(2):
+        busy_checkpoint(ckpts / "generic.pt", tmp_path / f"busy-{i}" / "last.pt")
+        jobs.append(StripJob(path=str(tmp_path / f"busy-{i}" / "last.pt")))
+        h.pool.submit(jobs[-1])
+    for job in jobs:
+        h.picked_up(job)
+        time.sleep(rng.uniform(0, 0.5))  # a random moment into the job: the test's input
+        assert h.kill_worker_of(job)
+    outcomes = h.outcomes(2, timeout=120)
+    assert {(o.status, o.error_type) for o in outcomes.values()} == {(FAILED, "crash")}
+    assert all("killed by SIGKILL" in (o.error or "") for o in outcomes.values())
+    assert h.pool.restarts == 2
+    template = ckpts / "yolov5.pt"
+    after = [new_file(tmp_path, i, template) for i in range(2)]
+    for p in after:
+        h.pool.submit(StripJob(path=str(p)))
+    assert {o.status for o in h.outcomes(2, timeout=120).values()} == {STRIPPED}
+    assert all(is_valid_stripped(p) for p in after)
+
+
+# ------------------------------------------------------------------------------ job timeout
+
+
+def busy_checkpoint(template: Path, dest: Path) -> None:
+    """A checkpoint whose load burns CPU for days: collections.deque(range(10**15), maxlen=1)."""
+    p = payloads
+    huge = b"\x8a\x08" + (10**15).to_bytes(8, "little")  # LONG1
+    spin = p.call(p.pglobal("collections", "deque"), p.call(p.pglobal("builtins", "range"), huge),
+                  b"K\x01")  # BININT1 1
+    body = b"}" + p.pstr("state_dict") + b"}s" + p.pstr("spin") + spin + b"s"
+    dest.parent.mkdir(parents=True)
+    p.rezip(template, dest, data_pkl=p.whole(body))
+
+
+@pytest.mark.timeout(200)
+def test_job_timeout_kills_a_hung_worker_and_the_pool_goes_on(
+        ckpts: Path, tmp_path: Path, pools: Callable[..., PoolHarness]) -> None:
+    """A job still running at the timeout is killed: failed 'timeout', no temp, pool serves."""
+    h = pools(size=1, job_timeout=5, start_method="forkserver")
+    hung = tmp_path / "hung" / "last.pt"
+    busy_checkpoint(ckpts / "generic.pt", hung)
+    before = hung.read_bytes()
+    # what a strip killed mid-write leaves behind: the pool must remove it after the timeout
+    stale = hung.with_name(".ckpt-watchd-last.pt.0123abcd.tmp")
+    stale.write_bytes(b"partial")
+    h.pool.submit(StripJob(path=str(hung)))
+    outcome = h.outcomes(1, timeout=120)[str(hung)]
+    assert (outcome.status, outcome.error_type) == (FAILED, "timeout")
+    assert "timed out after 5s" in (outcome.error or "")
+    assert hung.read_bytes() == before and temp_files(hung.parent) == []
+    assert h.pool.restarts == 1
+
+    after = new_file(tmp_path, 1, ckpts / "yolov5.pt")
+    h.pool.submit(StripJob(path=str(after)))
+    assert h.outcomes(1, timeout=60)[str(after)].status == STRIPPED
+    assert is_valid_stripped(after)
+
+
+# ------------------------------------------------------------------------------ start-up failure
+
+
+class _FailingFirstProcess:
+    """A multiprocessing context whose first Process() fails like fork does at the process limit."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.failures = 0
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:  # the context's API spells it so
+        if self.failures == 0:
+            self.failures += 1
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        return self._real.Process(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest.mark.timeout(200)
+def test_a_worker_that_cannot_be_started_for_prewarm_does_not_strand_jobs(
+        ckpts: Path, tmp_path: Path, pools: Callable[..., PoolHarness]) -> None:
+    """EAGAIN while prewarming a worker: the slot survives and the next job is stripped."""
+    h = pools(size=1, job_timeout=120, start_method="forkserver")
+    ctx = _FailingFirstProcess(h.pool.ctx)
+    h.pool.ctx = ctx
+    h.pool.prewarm()
+    path = new_file(tmp_path, 0, ckpts / "yolov5.pt")
+    h.pool.submit(StripJob(path=str(path)))
+    assert h.outcomes(1, timeout=120)[str(path)].status == STRIPPED
+    assert ctx.failures == 1 and h.pool.alive()
