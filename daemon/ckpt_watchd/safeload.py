@@ -325,9 +325,46 @@ class SafeUnpickler(pickle.Unpickler):
         _LAST_GLOBALS.add(f"{module}.{name}")
         return obj
 
+    # torch assigns its own persistent_load to the instance; wrap it with the size check
+    @property
+    def persistent_load(self) -> Any:
+        return self._ckpt_persistent_load
+
+    @persistent_load.setter
+    def persistent_load(self, fn: Callable[[Any], Any]) -> None:
+        def checked(saved_id: Any) -> Any:
+            _check_storage(saved_id)
+            return fn(saved_id)
+
+        self._ckpt_persistent_load = checked
+        pickle.Unpickler.__dict__["persistent_load"].__set__(self, checked)
+
 
 # torch.load builds its own subclass of our Unpickler; this collects the globals of the current load.
 _LAST_GLOBALS: set[str] = set()
+# ... and these are the record sizes of the file being loaded (empty for the legacy format).
+_STORAGE_SIZES: dict[str, int] = {}
+
+
+def _check_storage(saved_id: Any) -> None:
+    """A storage must claim exactly the bytes its zip record holds.
+
+    With mmap=True torch slices each storage out of the mapped file by its claimed size, clipped at
+    the end of the file: a storage claiming more than its record would read the next records'
+    bytes as weights (torch.load without mmap refuses such a file).
+    """
+    if not _STORAGE_SIZES or not isinstance(saved_id, tuple) or len(saved_id) != 5:
+        return
+    _kind, storage_type, key, _location, numel = saved_id
+    dtype = torch.uint8 if storage_type is torch.UntypedStorage else getattr(storage_type, "dtype",
+                                                                             None)
+    if dtype is None or not isinstance(numel, int):
+        return
+    claimed = numel * torch._utils._element_size(dtype)  # type: ignore[no-untyped-call]
+    actual = _STORAGE_SIZES.get(str(key))
+    if actual is None or claimed != actual:
+        raise NotACheckpoint(f"storage {key!r} claims {claimed} bytes but its record holds "
+                             f"{actual if actual is not None else 'none'}")
 
 
 def _safe_load(file: Any, **kwargs: Any) -> Any:
@@ -475,6 +512,8 @@ class Container:
 
     format: str
     records: int
+    # storage key -> bytes its record holds (zip only): a storage must claim exactly that
+    storage_sizes: dict[str, int] | None = None
 
 
 def preflight(fd: int, size: int) -> Container:
@@ -509,7 +548,9 @@ def preflight(fd: int, size: int) -> Container:
         if stored > size:
             raise TornWrite(f"incomplete or torn write: records claim {stored} bytes in a "
                             f"{size}-byte file")
-        return Container("zip", len(infos))
+        sizes = {n.rsplit("/data/", 1)[1]: i.file_size for n, i in zip(names, infos, strict=True)
+                 if "/data/" in n}
+        return Container("zip", len(infos), sizes)
     if head[:1] == bytes([_PICKLE_PROTO]):
         return Container("legacy", 0)
     if len(head) > 262 and head[257:262] == b"ustar":
@@ -538,6 +579,8 @@ def load(path: os.PathLike[str] | str, *, mmap: bool = True) -> Loaded:
     try:
         container = preflight(fd, facts.size)
         _LAST_GLOBALS.clear()
+        _STORAGE_SIZES.clear()
+        _STORAGE_SIZES.update(container.storage_sizes or {})
         target = _fd_path(fd, os.fspath(path))
         use_mmap = mmap and container.format == "zip"
         try:
