@@ -53,11 +53,8 @@ def _measure(fn: Any, *args: Any) -> dict[str, Any]:
             **{k: io1[k] - io0[k] for k in ("rchar", "wchar", "read_bytes", "write_bytes")}}
 
 
-def baseline_strip(f: str) -> None:
-    """What YOLOv5's `utils.general.strip_optimizer(f)` does, with its classes importable."""
-    import torch
-
-    x = torch.load(f, map_location="cpu", weights_only=False)
+def yolov5_strip_in_memory(x: dict[str, Any]) -> None:
+    """The in-memory part of YOLOv5's `utils.general.strip_optimizer`."""
     if x.get("ema"):
         x["model"] = x["ema"]
     for k in ("optimizer", "best_fitness", "ema", "updates"):
@@ -66,6 +63,14 @@ def baseline_strip(f: str) -> None:
     x["model"].half()
     for p in x["model"].parameters():
         p.requires_grad = False
+
+
+def baseline_strip(f: str) -> None:
+    """What YOLOv5's `utils.general.strip_optimizer(f)` does, with its classes importable."""
+    import torch
+
+    x = torch.load(f, map_location="cpu", weights_only=False)
+    yolov5_strip_in_memory(x)
     torch.save(x, f)
 
 

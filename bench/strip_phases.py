@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import strip as bench  # bench/strip.py: input generation and the child environments
-from strip_child import BASE, CW
+from strip_child import BASE, CW, yolov5_strip_in_memory
 
 CW_PHASES = ("load (mmap)", "detect + strip", "torch.save (C pickler)", "flush + fsync",
              "verify (weight-free reload + CRC re-read)", "check + chown + replace + dir fsync")
@@ -65,14 +65,7 @@ def base_phases(path: Path) -> list[float]:
     t0 = time.perf_counter()
     x = torch.load(path, map_location="cpu", weights_only=False)
     t1 = time.perf_counter()
-    if x.get("ema"):
-        x["model"] = x["ema"]
-    for k in ("optimizer", "best_fitness", "ema", "updates"):
-        x[k] = None
-    x["epoch"] = -1
-    x["model"].half()
-    for p in x["model"].parameters():
-        p.requires_grad = False
+    yolov5_strip_in_memory(x)
     t2 = time.perf_counter()
     torch.save(x, path)
     return [t1 - t0, t2 - t1, time.perf_counter() - t2]
