@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -26,9 +25,12 @@ from typing import Any, TypeVar
 
 import pytest
 
+from fixtures.daemon_io import TEMP_PREFIX as TEMP_PREFIX
+from fixtures.daemon_io import clean_env, read_audit
+from fixtures.daemon_io import temp_files as temp_files  # re-exported to the tests
+
 E2E_DIR = Path(__file__).resolve().parent
 TRAINER = E2E_DIR / "trainer_sim.py"
-TEMP_PREFIX = ".ckpt-watchd-"
 T = TypeVar("T")
 
 
@@ -82,9 +84,6 @@ def make_run(root: Path, rel: str, template: Template, *, files: Sequence[str] =
     return weights
 
 
-def temp_files(root: Path) -> list[Path]:
-    """Our own leftovers: `.ckpt-watchd-<name>.<hex>.tmp` anywhere under `root`."""
-    return sorted(p for p in root.rglob(f"{TEMP_PREFIX}*.tmp") if p.is_file())
 
 
 def is_valid_stripped(path: Path) -> bool:
@@ -117,13 +116,6 @@ def wait_until(predicate: Callable[[], T | None], timeout: float, what: str,
         time.sleep(interval)  # the poll period of this loop, not a synchronisation guess
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test process's environment without anything that would reconfigure the daemon."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CKPT_WATCHD_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC",
-                                                             "WATCHDOG_PID")}
-    env.update(extra)
-    return env
 
 
 # ---------------------------------------------------------------------------------- processes
@@ -317,13 +309,6 @@ class Daemon:
             self.kill9()
 
 
-def read_audit(path: Path) -> list[dict[str, Any]]:
-    """Complete JSON lines of the audit file (a line still being written is left out)."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in raw.split(b"\n")[:-1] if line.strip()]
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import resource
 import signal
@@ -26,9 +25,11 @@ from typing import Any, TypeVar
 import pytest
 
 from fixtures import harness
+from fixtures.daemon_io import TEMP_PREFIX as TEMP_PREFIX
+from fixtures.daemon_io import clean_env, read_audit
+from fixtures.daemon_io import temp_files as temp_files  # re-exported to the tests
 
 T = TypeVar("T")
-TEMP_PREFIX = ".ckpt-watchd-"
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"  # /work/shared/corpus
 # what `ckpts` generates: small, real torch.save output of each layout the daemon strips
 KINDS = ("yolov5", "yolov5_legacy", "generic", "ultralytics")
@@ -60,9 +61,6 @@ def set_age(path: Path, seconds: float) -> None:
     os.utime(path, (when, when), follow_symlinks=False)
 
 
-def temp_files(root: Path) -> list[Path]:
-    """Our own leftovers: `.ckpt-watchd-<name>.<hex>.tmp` anywhere under `root`."""
-    return sorted(p for p in root.rglob(f"{TEMP_PREFIX}*.tmp") if not p.is_symlink())
 
 
 def snapshot(paths: Sequence[Path]) -> dict[Path, bytes]:
@@ -137,22 +135,8 @@ def can_drop_privileges() -> bool:
 # ---------------------------------------------------------------------------------- the daemon
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("CKPT_WATCHD_") and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC",
-                                                             "WATCHDOG_PID")}
-    env.update(extra)
-    return env
 
 
-def read_audit(path: Path) -> list[dict[str, Any]]:
-    """Complete JSON lines of an audit file (a line still being written is left out)."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return []
-    lines = raw.split(b"\n")[:-1]
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 @dataclass
