@@ -113,6 +113,53 @@ def test_a_crashed_takeover_does_not_block_the_path_forever(tmp_path: Path) -> N
     assert not breaker.exists()
 
 
+_KILLED_MID_RELEASE = """
+import os, signal, sys
+from pathlib import Path
+from ckpt_watchd import claim
+c = claim.try_claim(Path(sys.argv[1]), host="gpu-1", pid=os.getpid(), now=1000.0, stale_after=3600.0)
+os.unlink = lambda path: os.kill(os.getpid(), signal.SIGKILL)  # dies between rename and unlink
+c.release()
+"""
+
+
+def test_sweep_removes_the_grave_of_a_daemon_killed_mid_release(tmp_path: Path) -> None:
+    """kill -9 between a claim's rename and unlink leaves a grave; the next start-up sweep removes it."""
+    p = ckpt(tmp_path)
+    done = subprocess.run([sys.executable, "-c", _KILLED_MID_RELEASE, str(p)], timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    graves = [x for x in p.parent.iterdir() if x.name.endswith(".gone")]
+    assert len(graves) == 1 and not claim_path(p).exists()
+    # an hour is not over, yet the grave's maker is provably gone
+    assert claim_mod.sweep(p.parent, host="gpu-1", now=time.time(), stale_after=HOUR) == graves
+    assert sorted(x.name for x in p.parent.iterdir()) == ["last.pt"]
+
+
+def test_sweep_leaves_a_live_or_foreign_grave_until_it_is_stale(tmp_path: Path) -> None:
+    """A grave whose maker runs, or was made elsewhere, may be mid-check: it stays until stale."""
+    p = ckpt(tmp_path)
+    live = p.parent / f"{claim_path(p).name}.{claim_mod._maker()}.{os.getpid()}.{'a' * 32}.gone"
+    foreign = p.parent / f"{claim_path(p).name}.0123456789ab.{_dead_pid()}.{'b' * 32}.gone"
+    for g in (live, foreign):
+        g.write_text("{}")
+    now = time.time()
+    assert claim_mod.sweep(p.parent, host="gpu-1", now=now, stale_after=HOUR) == []
+    assert live.exists() and foreign.exists()
+    assert sorted(claim_mod.sweep(p.parent, host="gpu-1", now=now + 2 * HOUR, stale_after=HOUR)) == \
+        sorted([live, foreign])
+
+
+def test_sweep_removes_an_abandoned_breaker_and_keeps_a_fresh_one(tmp_path: Path) -> None:
+    """A breaker whose claim is long gone is removed once abandoned; a fresh one is respected."""
+    p = ckpt(tmp_path)
+    breaker = claim_path(p).with_name(claim_path(p).name + ".break")
+    breaker.write_text(json.dumps({"host": "gpu-3", "pid": 3, "time": 1000.0}))
+    assert claim_mod.sweep(p.parent, host="gpu-1", now=1000.0 + 60, stale_after=HOUR) == []
+    assert breaker.exists()
+    assert claim_mod.sweep(p.parent, host="gpu-1", now=1000.0 + 2 * HOUR, stale_after=HOUR) == [breaker]
+    assert not breaker.exists()
+
+
 def _dead_pid() -> int:
     """A pid no process can have: above the kernel's pid_max."""
     try:

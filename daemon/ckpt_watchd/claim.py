@@ -12,14 +12,18 @@ Takeover of a stale claim goes through a second exclusive file, the breaker, so 
 daemons that see the same stale claim only one removes it; and a claim file is only ever removed by
 renaming it to a unique name first and checking that what was moved is what was meant to go (an
 owner's own claim on release, the stale claim on takeover). A claim moved by mistake is put back.
+A grave's name says who made it, so that the debris of a daemon killed mid-removal (a grave or a
+breaker) is swept by the next start-up: `sweep`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
+import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +31,8 @@ from pathlib import Path
 
 CLAIM_PREFIX = ".ckpt-watchd-claim."
 _MAX_CLAIM_BYTES = 4096
+_GRAVE = ".gone"
+_BREAKER = ".break"
 
 
 def claim_path(path: Path) -> Path:
@@ -114,7 +120,7 @@ def try_claim(path: Path, *, host: str, pid: int, now: float, stale_after: float
         return claim()
     if not seen.abandoned(now, stale_after, host):
         return None
-    breaker = lock.with_name(lock.name + ".break")
+    breaker = lock.with_name(lock.name + _BREAKER)
     if not _create(breaker, body):
         # Another daemon is taking it over right now, or crashed doing so long ago.
         held = _read(breaker)
@@ -131,6 +137,51 @@ def try_claim(path: Path, *, host: str, pid: int, now: float, stale_after: float
         return claim(taken_over=True)
     finally:
         _remove_if(breaker, lambda moved: moved.body == body)
+
+
+def sweep(folder: Path, *, host: str, now: float, stale_after: float) -> list[Path]:
+    """Remove the graves and breakers that killed daemons left in `folder`; return what went.
+
+    A grave made on this host and PID namespace by a process that is gone goes at once; any other
+    grave only once its last change (the rename) is `stale_after` old, since a live daemon on
+    another node may be about to read it. A breaker goes when it is abandoned, as a claim would.
+    """
+    removed: list[Path] = []
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(CLAIM_PREFIX)]
+    except OSError:
+        return removed
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.name.endswith(_GRAVE):
+            if _grave_abandoned(entry, now, stale_after):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed.append(path)
+        elif entry.name.endswith(_BREAKER):
+            seen = _read(path)
+            if (seen is not None and seen.abandoned(now, stale_after, host)
+                    and _remove_if(path, lambda moved, seen=seen: _same(moved, seen))):
+                removed.append(path)
+    return removed
+
+
+def _grave_abandoned(entry: os.DirEntry[str], now: float, stale_after: float) -> bool:
+    # name: <lock>.<maker>.<pid>.<uuid>.gone
+    parts = entry.name[:-len(_GRAVE)].split(".")
+    maker, pid = (parts[-3], parts[-2]) if len(parts) >= 3 else ("", "")
+    if maker == _maker() and pid.isdigit() and not _pid_alive(int(pid)):
+        return True
+    try:
+        return now - entry.stat(follow_symlinks=False).st_ctime > stale_after
+    except FileNotFoundError:
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _maker() -> str:
+    """This host and PID namespace, short: pids in a grave's name are only comparable within it."""
+    return hashlib.sha1(f"{socket.gethostname()}|{_pid_namespace()}".encode()).hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=1)
@@ -196,7 +247,7 @@ def _same(a: _Seen, b: _Seen) -> bool:
 
 def _remove_if(path: Path, expected: Callable[[_Seen], bool]) -> bool:
     """Remove `path` if it is the file `expected` accepts; put back anything else it moved."""
-    grave = path.with_name(f"{path.name}.{uuid.uuid4().hex}.gone")
+    grave = path.with_name(f"{path.name}.{_maker()}.{os.getpid()}.{uuid.uuid4().hex}{_GRAVE}")
     try:
         os.rename(path, grave)
     except FileNotFoundError:

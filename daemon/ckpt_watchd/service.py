@@ -504,13 +504,18 @@ class Service:
     def _clear_abandoned_claims(self, wdir: Path, wall: float) -> None:
         """Claims a killed daemon left on files it had finished: take each over and release it.
 
+        First the graves and breakers it left mid-removal go (claim.sweep).
         Files that still need work are claimed anew anyway; these would otherwise stay forever.
         A claim another live daemon holds is left alone (the claimer refuses it).
         """
         if self.claimer is None:
             return
+        from ckpt_watchd import claim as claims
         from ckpt_watchd.claim import CLAIM_PREFIX
 
+        for debris in claims.sweep(wdir, host=socket.gethostname(), now=wall,
+                                   stale_after=self.s.claim_timeout):
+            log.info("removed a killed daemon's claim debris", path=str(debris))
         try:
             names = [e.name for e in os.scandir(wdir)
                      if e.name.startswith(CLAIM_PREFIX) and e.name.endswith(".lock")]
