@@ -161,7 +161,7 @@ def sweep(folder: Path, *, host: str, now: float, stale_after: float) -> list[Pa
         elif entry.name.endswith(_BREAKER):
             seen = _read(path)
             if (seen is not None and seen.abandoned(now, stale_after, host)
-                    and _remove_if(path, lambda moved, seen=seen: _same(moved, seen))):
+                    and _remove_if(path, functools.partial(_same, seen))):
                 removed.append(path)
     return removed
 
