@@ -22,7 +22,7 @@ from typing import Any
 
 from ckpt_watchd import atomic
 from ckpt_watchd.outcome import FAILED, Outcome
-from ckpt_watchd.worker import StripJob, worker_main
+from ckpt_watchd.worker import WORKER_READY, StripJob, worker_main
 
 OnDone = Callable[[StripJob, Outcome], None]
 _WARM: Any = object()  # queue token: start a worker process now, so a strip due soon starts at once
@@ -35,6 +35,7 @@ class _Slot:
         self.proc: Any = None
         self.conn: Connection | None = None
         self.job: StripJob | None = None
+        self.ready = False  # the worker has said it started (see worker_main)
         self.thread = threading.Thread(target=self._loop, name=f"ckpt-watchd-slot-{index}",
                                        daemon=True)
 
@@ -42,13 +43,19 @@ class _Slot:
         parent, child = self.pool.ctx.Pipe()
         # a forkserver worker's parent is the fork server (which exits with us), not this process
         expected_parent = None if self.pool.ctx.get_start_method() == "forkserver" else os.getpid()
-        proc = self.pool.ctx.Process(target=worker_main, name=f"ckpt-watchd-worker-{self.index}",
-                                     args=(child, self.pool.nice, self.pool.io_idle,
-                                           expected_parent),
-                                     daemon=True)
-        proc.start()
-        child.close()
-        self.proc, self.conn = proc, parent
+        try:
+            proc = self.pool.ctx.Process(target=worker_main, name=f"ckpt-watchd-worker-{self.index}",
+                                         args=(child, self.pool.nice, self.pool.io_idle,
+                                               expected_parent),
+                                         daemon=True)
+            # One start at a time: multiprocessing's resource tracker, which every start consults
+            # and relaunches if it died, is not safe against two threads starting processes at once
+            # (a relaunch closes the descriptor the other start is about to pass on).
+            with self.pool.spawn_lock:
+                proc.start()
+        finally:
+            child.close()
+        self.proc, self.conn, self.ready = proc, parent, False
 
     def _reap(self, kill: bool) -> None:
         proc, conn = self.proc, self.conn
@@ -87,9 +94,10 @@ class _Slot:
                 pool.warm_requested.clear()
                 if self.proc is None or not self.proc.is_alive():
                     self._reap(kill=True)
-                    # cannot start one now (EAGAIN, ENOMEM): the next job tries again; an
-                    # exception here would end this slot's thread and strand every later job
-                    with contextlib.suppress(OSError):
+                    # cannot start one now (EAGAIN, ENOMEM, a broken interpreter): the next job
+                    # tries again and reports why; an exception here would end this slot's
+                    # thread and strand every later job
+                    with contextlib.suppress(Exception):
                         self._spawn()  # the worker imports torch at once, before any job arrives
                 continue
             self.job = job
@@ -104,11 +112,22 @@ class _Slot:
             if self.proc is None or not self.proc.is_alive():
                 if self.proc is not None:
                     self._reap(kill=True)
-                self._spawn()
+                try:
+                    self._spawn()
+                except Exception as e:  # any reason to be unable to start is a value
+                    self._reap(kill=True)
+                    return Outcome(path=job.path, status=FAILED, error_type="crash",
+                                   error=f"could not start a worker process: {type(e).__name__}: {e}",
+                                   duration_s=time.monotonic() - started)
             assert self.conn is not None
             self.conn.send(job)
-            if self.conn.poll(pool.job_timeout):
-                result: Outcome = self.conn.recv()
+            deadline = time.monotonic() + pool.job_timeout
+            while self.conn.poll(max(0.0, deadline - time.monotonic())):
+                result: Outcome | str = self.conn.recv()
+                if result == WORKER_READY:
+                    self.ready = True
+                    continue
+                assert isinstance(result, Outcome)
                 return result
             reason = (f"timed out after {pool.job_timeout:g}s (worker killed)"
                       if not pool.cancelling.is_set() else "cancelled at shutdown (worker killed)")
@@ -121,7 +140,7 @@ class _Slot:
             if pool.cancelling.is_set():
                 kind, reason = "cancelled", "cancelled at shutdown (worker killed)"
             else:
-                kind, reason = "crash", _crash_text(code)
+                kind, reason = "crash", _crash_text(code, started=self.ready)
         self._reap(kill=True)
         pool.restarts += 1
         atomic.remove_temps_for(Path(job.output or job.path))
@@ -135,7 +154,11 @@ class _Slot:
             proc.kill()
 
 
-def _crash_text(code: int | None) -> str:
+def _crash_text(code: int | None, *, started: bool = True) -> str:
+    if not started and code is not None and code > 0:
+        # 255 is what a child exits with when exec() of the interpreter fails after the fork
+        hint = ": the Python interpreter could not be executed" if code == 255 else ""
+        return f"worker process failed to start (exit code {code}{hint}; see the daemon's stderr)"
     if code is not None and code < 0:
         try:
             name = signal.Signals(-code).name
@@ -162,6 +185,7 @@ class WorkerPool:
         self.warm_idle = 0  # slots with a live worker waiting for a job
         self.restarts = 0
         self._lock = threading.Lock()
+        self.spawn_lock = threading.Lock()
         self._in_flight = 0
         self._slots = [_Slot(self, i) for i in range(size)]
         for s in self._slots:

@@ -22,6 +22,8 @@ from typing import Any
 from ckpt_watchd.errors import CheckpointError
 from ckpt_watchd.outcome import FAILED, Outcome
 
+WORKER_READY = "ready"  # a worker's first message: it started and imported torch
+
 
 @dataclass(frozen=True, slots=True)
 class StripJob:
@@ -159,6 +161,7 @@ def worker_main(conn: Connection, nice: int, io_idle: bool, parent_pid: int | No
 
     # one thread: a strip is I/O and pickling, and must not compete with training for every core
     torch.set_num_threads(1)
+    conn.send(WORKER_READY)  # from here on a death is a crash, not a failure to start
     while True:
         try:
             job = conn.recv()

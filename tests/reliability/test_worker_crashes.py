@@ -315,3 +315,70 @@ def test_a_worker_that_cannot_be_started_for_prewarm_does_not_strand_jobs(
     h.pool.submit(StripJob(path=str(path)))
     assert h.outcomes(1, timeout=120)[str(path)].status == STRIPPED
     assert ctx.failures == 1 and h.pool.alive()
+
+
+class _FailingStart:
+    """A multiprocessing context whose first process fails in start() with a non-OS error."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.failures = 0
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:  # the context's API spells it so
+        proc = self._real.Process(*args, **kwargs)
+        if self.failures == 0:
+            self.failures += 1
+
+            def start() -> None:
+                raise ValueError("bad value(s) in fds_to_keep")  # what a tracker race raised in CI
+
+            proc.start = start
+        return proc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest.mark.timeout(200)
+def test_a_start_that_raises_fails_the_job_with_the_reason_and_the_slot_serves_on(
+        ckpts: Path, tmp_path: Path, pools: Callable[..., PoolHarness]) -> None:
+    """Any exception from starting a worker is the job's failed Outcome; the next job is stripped."""
+    h = pools(size=1, job_timeout=120, start_method="forkserver")
+    h.pool.ctx = _FailingStart(h.pool.ctx)
+    first, second = new_file(tmp_path, 0, ckpts / "yolov5.pt"), new_file(tmp_path, 1, ckpts / "yolov5.pt")
+    before = first.read_bytes()
+    h.pool.submit(StripJob(path=str(first)))
+    outcome = h.outcomes(1, timeout=120)[str(first)]
+    assert (outcome.status, outcome.error_type) == (FAILED, "crash")
+    assert outcome.error == ("could not start a worker process: "
+                             "ValueError: bad value(s) in fds_to_keep")
+    assert first.read_bytes() == before and h.pool.alive()
+    h.pool.submit(StripJob(path=str(second)))
+    assert h.outcomes(1, timeout=120)[str(second)].status == STRIPPED
+
+
+@pytest.mark.timeout(200)
+def test_an_interpreter_that_cannot_be_executed_is_reported_as_a_failed_start(
+        ckpts: Path, tmp_path: Path, pools: Callable[..., PoolHarness]) -> None:
+    """exec() of the worker's interpreter fails: 'failed to start (exit code 255 ...)', file intact."""
+    from multiprocessing import resource_tracker, spawn
+
+    resource_tracker.ensure_running()  # the tracker is started with the same interpreter
+    h = pools(size=1, job_timeout=120, start_method="spawn")
+    broken = tmp_path / "python-not-executable"
+    broken.write_text("not a program")  # mode 0644: execve fails with EACCES in the child
+    path = new_file(tmp_path, 0, ckpts / "yolov5.pt")
+    before = path.read_bytes()
+    real = spawn.get_executable()
+    spawn.set_executable(str(broken))
+    try:
+        h.pool.submit(StripJob(path=str(path)))
+        outcome = h.outcomes(1, timeout=120)[str(path)]
+    finally:
+        spawn.set_executable(real)
+    assert (outcome.status, outcome.error_type) == (FAILED, "crash")
+    assert outcome.error == ("worker process failed to start (exit code 255: the Python interpreter "
+                             "could not be executed; see the daemon's stderr)")
+    assert path.read_bytes() == before and h.pool.alive()
+    h.pool.submit(StripJob(path=str(path)))
+    assert h.outcomes(1, timeout=120)[str(path)].status == STRIPPED
