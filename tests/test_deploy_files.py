@@ -494,13 +494,33 @@ def _as_unprivileged(tmp_path: Path) -> list[str]:
     if setpriv is None:
         pytest.skip("running as root without setpriv(1) to drop to a non-root user")
     base = [setpriv, f"--reuid={UNPRIVILEGED}", f"--regid={UNPRIVILEGED}", "--clear-groups"]
-    probe = [sys.executable, "-c", "import ckpt_watchd"]
-    if subprocess.run(base + probe, capture_output=True, cwd=tmp_path, timeout=60).returncode == 0:
+    # What the daemon will do as that user: import itself, and start a worker process (spawn, as
+    # the pool does) that imports the torch side. Some sandboxes let the first work and not the
+    # second; then this machine cannot run the test, which says nothing about the daemon.
+    probe = [sys.executable, "-c", _UNPRIVILEGED_PROBE]
+
+    def works(prefix: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(prefix + probe, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+
+    if works(base).returncode == 0:
         return base
     base += ["--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
-    if subprocess.run(base + probe, capture_output=True, cwd=tmp_path, timeout=60).returncode != 0:
-        pytest.skip("cannot run this interpreter as a non-root user here")
+    tried = works(base)
+    if tried.returncode != 0:
+        pytest.skip(f"cannot run this interpreter and its worker processes as a non-root user here "
+                    f"(exit {tried.returncode}): {tried.stderr.strip()[-500:]}")
     return base
+
+
+_UNPRIVILEGED_PROBE = """
+import importlib, multiprocessing, sys
+import ckpt_watchd
+worker = multiprocessing.get_context("spawn").Process(target=importlib.import_module,
+                                                       args=("ckpt_watchd.checkpoint",))
+worker.start()
+worker.join(100)
+sys.exit(worker.exitcode)
+"""
 
 
 def _free_port() -> int:
