@@ -9,6 +9,7 @@ No I/O, no clock: the time for Ultralytics' metadata is an argument. It also own
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import types
 from collections.abc import Iterator
@@ -273,25 +274,27 @@ def walk_tensors(obj: Any) -> Iterator[torch.Tensor]:
     """
     seen: set[int] = set()
     stack: list[Any] = [obj]
+    tensor = torch.Tensor
     while stack:
         o = stack.pop()
-        if isinstance(o, torch.Tensor):
-            if id(o) not in seen:
-                seen.add(id(o))
-                yield o
-            continue
-        if o is None or isinstance(o, (str, bytes, int, float, bool, complex)):
+        cls = type(o)
+        if cls in _LEAF_TYPES:
             continue
         if id(o) in seen:
             continue
         seen.add(id(o))
+        if isinstance(o, tensor):
+            yield o
+            continue
         children: list[Any]
-        if isinstance(o, dict):
+        if cls is dict or cls is collections.OrderedDict or isinstance(o, dict):
             children = list(o.values())
-        elif isinstance(o, (list, tuple)):
+        elif cls is list or cls is tuple or isinstance(o, (list, tuple)):
             children = list(o)
+        elif isinstance(o, (str, bytes, int, float, complex)):
+            continue
         elif isinstance(o, (set, frozenset)):
-            children = [t for t in o if isinstance(t, torch.Tensor)]
+            children = [t for t in o if isinstance(t, tensor)]
         elif isinstance(o, StandIn):
             children = [o.__dict__, o._sw_args, o._sw_items, o._sw_dictitems]
             if not isinstance(o._sw_state, dict):
@@ -301,6 +304,10 @@ def walk_tensors(obj: Any) -> Iterator[torch.Tensor]:
         else:
             continue
         stack.extend(reversed(children))
+
+
+# exact types with nothing inside (a subclass takes the slow path: it may carry a __dict__)
+_LEAF_TYPES = frozenset({type(None), str, bytes, int, float, bool, complex})
 
 
 def storage_key(t: torch.Tensor) -> tuple[int, int]:
