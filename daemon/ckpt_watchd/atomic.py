@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -100,6 +101,66 @@ def finish_write(writer: RecordingWriter) -> None:
         writer.close()
     except OSError as e:
         raise WriteFailed(f"write failed: {describe_oserror(e)}") from None
+
+
+class BackgroundFsync:
+    """`finish_write` with the fsync running in a thread, so the caller can verify meanwhile.
+
+    The data is flushed to the kernel first; the fsync (mostly waiting on the device) then
+    overlaps with CPU work. `wait()` must return before the temp file is renamed or closed: it
+    raises what `finish_write` would.
+    """
+
+    def __init__(self, writer: RecordingWriter) -> None:
+        self._writer = writer
+        self._error: OSError | None = None
+        try:
+            writer.flush()
+        except OSError as e:
+            raise WriteFailed(f"write failed: {describe_oserror(e)}") from None
+        self._thread = threading.Thread(target=self._run, name="ckpt-watchd-fsync", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            os.fsync(self._writer.fileno())
+        except OSError as e:
+            self._error = e
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise WriteFailed(f"write failed: {describe_oserror(self._error)}") from None
+        try:
+            self._writer.close()
+        except OSError as e:
+            raise WriteFailed(f"write failed: {describe_oserror(e)}") from None
+
+
+def forget_cached_pages(fd: int, size: int, keep: list[tuple[int, int]]) -> threading.Thread:
+    """Drop a file's cached pages outside `keep` (offset, length) in a thread, which closes fd.
+
+    For a source about to be replaced by its stripped copy: the kernel has to drop those pages
+    when the old file goes, and doing most of it now overlaps with the verify on another core
+    (and gives the memory back to the training job sooner). The kept ranges (weights the verify
+    still compares) stay cached. Join the thread before returning.
+    """
+
+    def run() -> None:
+        try:
+            start = 0
+            for offset, length in [*sorted(keep), (size, 0)]:
+                if offset > start:
+                    os.posix_fadvise(fd, start, offset - start, os.POSIX_FADV_DONTNEED)
+                start = max(start, offset + length)
+        except (OSError, AttributeError):
+            pass  # only an optimisation
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=run, name="ckpt-watchd-fadvise", daemon=True)
+    thread.start()
+    return thread
 
 
 def copy_ownership(tmp: Path, uid: int, gid: int, mode: int) -> None:
