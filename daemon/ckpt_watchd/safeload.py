@@ -26,12 +26,13 @@ import types
 import uuid
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ckpt_watchd import zipwrite
 from ckpt_watchd.errors import (
     EmptyFile,
     NotACheckpoint,
@@ -333,8 +334,13 @@ class SafeUnpickler(pickle.Unpickler):
     @persistent_load.setter
     def persistent_load(self, fn: Callable[[Any], Any]) -> None:
         def checked(saved_id: Any) -> Any:
-            _check_storage(saved_id)
-            return fn(saved_id)
+            rec = _check_storage(saved_id)
+            result = fn(saved_id)
+            if rec is not None and rec.size and _NOTE_SOURCES[0]:
+                storage = getattr(result, "_untyped_storage", result)
+                if isinstance(storage, torch.UntypedStorage) and storage.device.type == "cpu":
+                    _SOURCES[storage.data_ptr()] = (rec, storage)
+            return result
 
         self._ckpt_persistent_load = checked
         pickle.Unpickler.__dict__["persistent_load"].__set__(self, checked)
@@ -342,29 +348,44 @@ class SafeUnpickler(pickle.Unpickler):
 
 # torch.load builds its own subclass of our Unpickler; this collects the globals of the current load.
 _LAST_GLOBALS: set[str] = set()
-# ... and these are the record sizes of the file being loaded (empty for the legacy format).
-_STORAGE_SIZES: dict[str, int] = {}
+# ... and these are the storage records of the file being loaded (empty for the legacy format),
+_STORAGE_RECORDS: dict[str, zipwrite.SourceRecord] = {}
+# ... and which loaded storage is which record: data pointer -> (record, the storage, kept alive so
+# that its address cannot be reused by another allocation while the mapping is consulted).
+_SOURCES: dict[int, tuple[zipwrite.SourceRecord, Any]] = {}
 
 
-def _check_storage(saved_id: Any) -> None:
-    """A storage must claim exactly the bytes its zip record holds.
+_NOTE_SOURCES = [False]
+
+
+def _check_storage(saved_id: Any) -> zipwrite.SourceRecord | None:
+    """A storage must claim exactly the bytes its zip record holds; returns that record.
 
     With mmap=True torch slices each storage out of the mapped file by its claimed size, clipped at
     the end of the file: a storage claiming more than its record would read the next records'
     bytes as weights (torch.load without mmap refuses such a file).
     """
-    if not _STORAGE_SIZES or not isinstance(saved_id, tuple) or len(saved_id) != 5:
-        return
+    if not _STORAGE_RECORDS or type(saved_id) is not tuple or len(saved_id) != 5:
+        return None
     _kind, storage_type, key, _location, numel = saved_id
-    dtype = torch.uint8 if storage_type is torch.UntypedStorage else getattr(storage_type, "dtype",
-                                                                             None)
-    if dtype is None or not isinstance(numel, int):
-        return
-    claimed = numel * torch._utils._element_size(dtype)  # type: ignore[no-untyped-call]
-    actual = _STORAGE_SIZES.get(str(key))
-    if actual is None or claimed != actual:
-        raise NotACheckpoint(f"storage {key!r} claims {claimed} bytes but its record holds "
-                             f"{actual if actual is not None else 'none'}")
+    dtype = (torch.uint8 if storage_type is torch.UntypedStorage
+             else getattr(storage_type, "dtype", None))
+    size = _ELEMENT_SIZES.get(dtype)
+    if size is None:
+        if not isinstance(dtype, torch.dtype):
+            return None
+        size = _ELEMENT_SIZES[dtype] = torch._utils._element_size(dtype)  # type: ignore[no-untyped-call]
+    if not isinstance(numel, int):
+        return None
+    rec = _STORAGE_RECORDS.get(key if type(key) is str else str(key))
+    if rec is None or numel * size != rec.size:
+        raise NotACheckpoint(f"storage {key!r} claims {numel * size} bytes but its record holds "
+                             f"{rec.size if rec is not None else 'none'}")
+    return rec
+
+
+# dtype -> bytes per element
+_ELEMENT_SIZES: dict[Any, int] = {}
 
 
 def _safe_load(file: Any, **kwargs: Any) -> Any:
@@ -512,8 +533,8 @@ class Container:
 
     format: str
     records: int
-    # storage key -> bytes its record holds (zip only): a storage must claim exactly that
-    storage_sizes: dict[str, int] | None = None
+    # storage key -> its record (zip only): a storage must claim exactly the bytes it holds
+    storages: dict[str, zipwrite.SourceRecord] | None = None
 
 
 def preflight(fd: int, size: int) -> Container:
@@ -534,6 +555,7 @@ def preflight(fd: int, size: int) -> Container:
             except NotImplementedError as e:  # zipfile's answer to a version/feature it lacks
                 raise NotACheckpoint(f"a zip file torch did not write ({e})") from None
             infos = zf.infolist()
+            start_dir = zf.start_dir
         names = [i.filename for i in infos]
         if not any(n.endswith("data.pkl") for n in names):
             raise NotACheckpoint("a zip file, but not a torch checkpoint (no data.pkl)")
@@ -548,14 +570,38 @@ def preflight(fd: int, size: int) -> Container:
         if stored > size:
             raise TornWrite(f"incomplete or torn write: records claim {stored} bytes in a "
                             f"{size}-byte file")
-        sizes = {n.rsplit("/data/", 1)[1]: i.file_size for n, i in zip(names, infos, strict=True)
-                 if "/data/" in n}
-        return Container("zip", len(infos), sizes)
+        physical = sorted(infos, key=lambda i: i.header_offset)
+        ends = [i.header_offset for i in physical[1:]] + [start_dir]
+        records = {i.filename.rsplit("/data/", 1)[1]:
+                   zipwrite.SourceRecord(i.filename, i.header_offset, end, n, i.file_size, i.CRC,
+                                         i.flag_bits)
+                   for n, (i, end) in enumerate(zip(physical, ends, strict=True))
+                   if "/data/" in i.filename}
+        return Container("zip", len(infos), records)
     if head[:1] == bytes([_PICKLE_PROTO]):
         return Container("legacy", 0)
     if len(head) > 262 and head[257:262] == b"ustar":
         raise NotACheckpoint("the pre-1.0 torch tar format, which cannot be read safely")
     raise NotACheckpoint("not a PyTorch checkpoint (unknown format)")
+
+
+@contextlib.contextmanager
+def _no_fake_mode_probes() -> Iterator[None]:
+    """Answer torch's "is a FakeTensorMode active?" once for the whole load instead of per tensor.
+
+    torch.load asks three times per tensor (a third of an mmap load's time for a YOLO model). A
+    worker never loads under a fake mode; if one is active after all, nothing is swapped.
+    """
+    guards = torch._guards
+    real = guards.detect_fake_mode
+    if real(None) is not None:
+        yield
+        return
+    guards.detect_fake_mode = lambda inputs=None: None
+    try:
+        yield
+    finally:
+        guards.detect_fake_mode = real
 
 
 def _fd_path(fd: int, fallback: str) -> str:
@@ -571,6 +617,8 @@ class Loaded:
     facts: FileFacts
     format: str
     globals_seen: frozenset[str]
+    # data pointer of each storage mapped from the file -> its record (see `_SOURCES`)
+    sources: dict[int, tuple[zipwrite.SourceRecord, Any]] = field(default_factory=dict)
 
 
 def load(path: os.PathLike[str] | str, *, mmap: bool = True) -> Loaded:
@@ -579,10 +627,13 @@ def load(path: os.PathLike[str] | str, *, mmap: bool = True) -> Loaded:
     try:
         container = preflight(fd, facts.size)
         _LAST_GLOBALS.clear()
-        _STORAGE_SIZES.clear()
-        _STORAGE_SIZES.update(container.storage_sizes or {})
-        target = _fd_path(fd, os.fspath(path))
+        _STORAGE_RECORDS.clear()
+        _SOURCES.clear()
+        _STORAGE_RECORDS.update(container.storages or {})
         use_mmap = mmap and container.format == "zip"
+        # only a mapped storage is the file's bytes: note those (a read-in one is a copy)
+        _NOTE_SOURCES[0] = use_mmap
+        target = _fd_path(fd, os.fspath(path))
         try:
             with warnings.catch_warnings():
                 # legacy files carry each class's source and torch warns when a stand-in has
@@ -592,8 +643,9 @@ def load(path: os.PathLike[str] | str, *, mmap: bool = True) -> Loaded:
                                         category=UserWarning)
                 warnings.filterwarnings("ignore",
                                         category=torch.serialization.SourceChangeWarning)
-                obj = torch.load(target, map_location="cpu", pickle_module=SAFE_PICKLE,
-                                 weights_only=False, mmap=use_mmap)
+                with _no_fake_mode_probes():
+                    obj = torch.load(target, map_location="cpu", pickle_module=SAFE_PICKLE,
+                                     weights_only=False, mmap=use_mmap)
         except (UnsafePickle, NotACheckpoint, TornWrite):
             raise
         except (EOFError, pickle.UnpicklingError) as e:
@@ -609,6 +661,98 @@ def load(path: os.PathLike[str] | str, *, mmap: bool = True) -> Loaded:
             if "central directory" in msg or "truncated" in msg:
                 raise TornWrite(f"incomplete or torn write: {msg}") from None
             raise NotACheckpoint(f"cannot be read as a torch checkpoint: {msg}") from None
-        return Loaded(obj, facts, container.format, frozenset(_LAST_GLOBALS))
+        sources = dict(_SOURCES)
+        return Loaded(obj, facts, container.format, frozenset(_LAST_GLOBALS), sources)
+    finally:
+        _SOURCES.clear()
+        _STORAGE_RECORDS.clear()
+        _NOTE_SOURCES[0] = False
+        os.close(fd)
+
+
+class _StructureUnpickler(SafeUnpickler):
+    """Names storage types the way torch.load does (`torch.HalfStorage` -> a dtype holder)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and isinstance(name, str) and name.endswith("Storage"):
+            if name == "UntypedStorage":
+                return torch.UntypedStorage
+            try:
+                return torch.serialization.StorageType(name)  # type: ignore[no-untyped-call]
+            except (KeyError, AttributeError):
+                raise UnsafePickle(f"torch.{name}") from None
+        return super().find_class(module, name)
+
+
+@dataclass(slots=True)
+class Structure:
+    """A checkpoint read back without its weights (see `load_structure`)."""
+
+    obj: Any
+    pickle: bytes
+    # each storage as the pickle first names it: (key, dtype, bytes)
+    storages: list[tuple[str, torch.dtype, int]]
+
+
+def load_structure(path: os.PathLike[str] | str, *, read_through: Collection[str] = ()) -> Structure:
+    """Unpickle a zip checkpoint's `data.pkl` with weight-less (meta) storages.
+
+    The same policy as `load`, and every storage must name a record of exactly its size, but no
+    storage is mapped or read: what comes back has the classes, keys, values and each tensor's
+    dtype, shape, strides and offset, for comparing a freshly written file with what was meant.
+    The records named in `read_through` are read whole on the way, which checks their CRC-32.
+    The zip is parsed once for all of it.
+    """
+    fd, facts = open_regular(path)
+    try:
+        with os.fdopen(os.dup(fd), "rb") as f, zipfile.ZipFile(f) as zf:
+            infos = zf.infolist()
+            pkl = [i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
+            if len(pkl) != 1:
+                raise NotACheckpoint("no single data.pkl record")
+            if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+                raise NotACheckpoint("a compressed zip record; torch never writes that")
+            data = zf.read(pkl[0])
+            wanted = set(read_through)
+            for info in infos:
+                if info.filename in wanted and info is not pkl[0]:
+                    with zf.open(info) as rec:
+                        while rec.read(1 << 20):
+                            pass
+    except (OSError, zipfile.BadZipFile, NotImplementedError, ValueError, EOFError) as e:
+        raise UnreadableFile(f"cannot read back: {e}") from None
     finally:
         os.close(fd)
+    records = {i.filename.rsplit("/data/", 1)[1]: i for i in infos if "/data/" in i.filename}
+    if sum(i.file_size for i in infos) > facts.size:
+        raise TornWrite("incomplete write: records claim more bytes than the file holds")
+    storages: dict[str, torch.UntypedStorage] = {}
+    order: list[tuple[str, torch.dtype, int]] = []
+
+    def persistent_load(saved_id: Any) -> Any:
+        if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"):
+            raise NotACheckpoint(f"unexpected persistent id {saved_id!r:.80}")
+        _kind, storage_type, key, _location, numel = saved_id
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        nbytes = numel * torch._utils._element_size(dtype)  # type: ignore[no-untyped-call]
+        rec = records.get(str(key))
+        if rec is None or rec.file_size != nbytes:
+            raise NotACheckpoint(f"storage {key!r} claims {nbytes} bytes but its record holds "
+                                 f"{rec.file_size if rec is not None else 'none'}")
+        storage = storages.get(str(key))
+        if storage is None:
+            storage = storages[str(key)] = torch.UntypedStorage(nbytes, device="meta")  # type: ignore[no-untyped-call]
+            order.append((str(key), dtype, nbytes))
+        return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)  # type: ignore[no-untyped-call]
+
+    unpickler = _StructureUnpickler(io.BytesIO(data))
+    # set torch's slot directly: the size check above replaces `checked`'s
+    pickle.Unpickler.__dict__["persistent_load"].__set__(unpickler, persistent_load)
+    try:
+        with _no_fake_mode_probes():
+            return Structure(unpickler.load(), data, order)
+    except (UnsafePickle, NotACheckpoint):
+        raise
+    except (EOFError, pickle.UnpicklingError, RecursionError, MemoryError) as e:
+        raise NotACheckpoint(f"corrupt pickle: {e}") from None
+
