@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from ckpt_watchd import atomic, safeload
+from ckpt_watchd import atomic, safeload, zipwrite
 from ckpt_watchd import checkpoint as engine
 from fixtures import payloads
 from fixtures.harness import FileState, run_cli, run_cli_as_plain_user, temp_files
@@ -264,6 +264,30 @@ def test_disk_full_during_the_write(checkpoint: Callable[..., Path], capsys: Any
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC after part of the file was written: 'disk full', temp file gone, source intact."""
     path = checkpoint("yolov5")
+    calls = []
+
+    def failing(real: Callable[..., int]) -> Callable[..., int]:
+        def call(*args: Any) -> int:
+            calls.append(real.__name__)
+            if len(calls) > 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(*args)
+        return call
+
+    # zipwrite writes with pwrite and copies kept weights with copy_file_range
+    monkeypatch.setattr(zipwrite.os, "pwrite", failing(os.pwrite))
+    monkeypatch.setattr(zipwrite.os, "copy_file_range", failing(os.copy_file_range))
+    _assert_rejected(path, capsys, "disk full")
+    assert len(calls) > 3  # the failure really happened mid-write
+    assert "copy_file_range" in calls
+
+
+def test_disk_full_during_the_write_torch_save_fallback(checkpoint: Callable[..., Path],
+                                                        capsys: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same through the `torch.save` path used for zip64-sized files."""
+    path = checkpoint("yolov5")
+    monkeypatch.setattr(zipwrite, "available", lambda: False)
     real_write = atomic.RecordingWriter.write
     calls = []
 
@@ -275,7 +299,7 @@ def test_disk_full_during_the_write(checkpoint: Callable[..., Path], capsys: Any
 
     monkeypatch.setattr(atomic.RecordingWriter, "write", write)
     _assert_rejected(path, capsys, "disk full")
-    assert len(calls) > 3  # the failure really happened mid-write
+    assert len(calls) > 3
 
 
 def test_source_changing_during_the_strip(checkpoint: Callable[..., Path], generated: Path,
@@ -285,11 +309,11 @@ def test_source_changing_during_the_strip(checkpoint: Callable[..., Path], gener
     newer = (generated / "yolov5_fp32.pt").read_bytes()
     real_verify = engine.verify
 
-    def verify(expected: Any, written: Path) -> None:
+    def verify(expected: Any, written: Path, layout: Any = None) -> None:
         with open(path, "r+b") as f:  # in place, like torch.save / write_bytes
             f.truncate(0)
             f.write(newer)
-        real_verify(expected, written)
+        real_verify(expected, written, layout)
 
     monkeypatch.setattr(engine, "verify", verify)
     message = _strip_fails(path, capsys)

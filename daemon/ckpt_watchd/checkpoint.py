@@ -1,23 +1,29 @@
 """Strip and inspect one checkpoint file: safe load, strip, verified atomic save.
 
-It owns the sequence temp file -> write -> fsync -> reload and compare -> source unchanged? ->
-os.replace -> directory fsync, and the `inspect` report. Failures are raised as `CheckpointError`s;
+It owns the sequence temp file -> write (kept weights copied from the source, `zipwrite`) -> fsync
+(in a thread, overlapping the next step, and finished before anything else happens to the temp
+file) -> reload and compare -> source unchanged? -> os.replace -> directory fsync, and the
+`inspect` report. Failures are raised as `CheckpointError`s;
 the worker turns them into values. Imports torch: only worker processes and one-shot commands load it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
+import gc
 import os
+import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, cast
 
 import torch
 
-from ckpt_watchd import atomic, safeload, strip
+from ckpt_watchd import atomic, safeload, strip, zipwrite
 from ckpt_watchd.errors import (
     CheckpointError,
     NotACheckpoint,
@@ -41,6 +47,48 @@ def strip_file(
     now: datetime.datetime | None = None,
 ) -> Outcome:
     """Strip `path` in place (or into `output`). Returns stripped/skipped/would-strip, or raises."""
+    with _gc_paused():
+        return _strip_file(path, output=output, dry_run=dry_run, half=half, hashes=hashes,
+                           before_replace=before_replace, now=now)
+
+
+_FROZEN: list[bool] = []
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection during one strip.
+
+    A load creates tens of thousands of objects that all live until the strip ends, and each
+    allocation burst makes the collector walk every object in the process (torch's included):
+    for a YOLOv5m checkpoint that was half of the strip's time. What a strip leaves in cycles
+    is collected once, afterwards.
+    """
+    # (a list, so the flag needs no `global`)
+    if not _FROZEN:
+        # what is alive before the first strip (torch and its imports) lives as long as the
+        # process: moved out of the collector's sight, a full collection no longer walks it
+        gc.freeze()
+        _FROZEN.append(True)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _strip_file(
+    path: Path,
+    *,
+    output: Path | None,
+    dry_run: bool,
+    half: bool,
+    hashes: bool,
+    before_replace: BeforeReplace | None,
+    now: datetime.datetime | None,
+) -> Outcome:
     started = time.monotonic()
     path = Path(path)
     now = now or datetime.datetime.now(datetime.timezone.utc)
@@ -58,16 +106,29 @@ def strip_file(
                        duration_s=time.monotonic() - started, **common)
     sha_before = _hash_source(path, facts) if hashes else None
     dest = Path(output) if output is not None else path
-    with atomic.temp_writer(dest) as (tmp, writer):
-        _save(stripped, writer)
-        atomic.finish_write(writer)
+    forgetting: threading.Thread | None = None
+    with contextlib.ExitStack() as later:
+        # joined last: the thread dropping the source's page cache must not outlive the strip
+        later.callback(lambda: forgetting.join() if forgetting is not None else None)
+        tmp, writer = later.enter_context(atomic.temp_writer(dest))
+        written = _save(stripped, writer, path, loaded)
+        if dest == path and written is not None and loaded.sources:
+            with contextlib.suppress(CheckpointError):
+                fd, now_facts = safeload.open_regular(path)
+                if now_facts.same_content_as(facts):
+                    forgetting = atomic.forget_cached_pages(fd, facts.size, written.copied_from)
+                else:
+                    os.close(fd)
+        syncing = atomic.BackgroundFsync(writer)
         try:
-            verify(stripped, tmp)
+            verify(stripped, tmp, written)
         except VerifyFailed:
             # the source is mmapped: a trainer rewriting it also changes the tensors we compare
             # against, so a mismatch is first of all a sign that the source changed
             _check_unchanged(path, facts)
             raise
+        finally:
+            syncing.wait()  # before anything renames, closes or removes the temp file
         _check_unchanged(path, facts)
         atomic.copy_ownership(tmp, facts.uid, facts.gid, facts.mode)
         sha_after = atomic.sha256_path(tmp) if hashes else None
@@ -81,13 +142,32 @@ def strip_file(
                    fingerprint=(st.st_ino, st.st_size, st.st_mtime_ns), **common)
 
 
-def _save(obj: Any, writer: atomic.RecordingWriter) -> None:
+def _save(obj: Any, writer: atomic.RecordingWriter, source: Path,
+          loaded: safeload.Loaded) -> zipwrite.Written | None:
+    """Serialise `obj` into the temp file; returns the record layout when `zipwrite` wrote it.
+
+    `zipwrite` copies the storages that are unchanged bytes of the source file straight from it;
+    `torch.save` is the fallback for files that need zip64 or a torch whose serialiser differs.
+    """
+    src_fd: int | None = None
     try:
         with safeload.standins_importable() as fast:
             module = safeload.FAST_SAVE_PICKLE if fast else safeload.SAVE_PICKLE
-            torch.save(obj, cast(IO[bytes], writer), pickle_module=module, pickle_protocol=2)
+            if not (zipwrite.available()
+                    and zipwrite.fits(loaded.facts.size, len(loaded.sources) + 1)):
+                # a strip never grows a file: one that was a plain zip stays one
+                torch.save(obj, cast(IO[bytes], writer), pickle_module=module, pickle_protocol=2)
+                return None
+            if loaded.sources:
+                src_fd, now = safeload.open_regular(source)
+                if not now.same_content_as(loaded.facts):
+                    raise SourceChanged("changed while stripping (rewritten before it was saved)")
+            return zipwrite.save(obj, strip.walk_tensors(obj), writer.fileno(), src_fd,
+                                 loaded.sources, module.Pickler)
     except CheckpointError:
         raise
+    except OSError as e:
+        raise WriteFailed(f"write failed: {atomic.describe_oserror(e)}") from None
     except Exception as e:
         cause = writer.error
         if cause is None and isinstance(e.__context__, OSError):
@@ -95,6 +175,9 @@ def _save(obj: Any, writer: atomic.RecordingWriter) -> None:
         if cause is not None:
             raise WriteFailed(f"write failed: {atomic.describe_oserror(cause)}") from None
         raise WriteFailed(f"cannot serialise the stripped checkpoint: {e}") from None
+    finally:
+        if src_fd is not None:
+            os.close(src_fd)
 
 
 def _hash_source(path: Path, facts: safeload.FileFacts) -> str:
@@ -116,29 +199,62 @@ def _check_unchanged(path: Path, facts: safeload.FileFacts) -> None:
         raise SourceChanged("changed while stripping (a trainer rewrote it); nothing was replaced")
 
 
-def verify(expected: dict[Any, Any], written: Path) -> None:
-    """Read the new file back: the same structure, and every byte as torch meant to write it.
+def verify(expected: dict[Any, Any], written: Path, layout: zipwrite.Written | None = None) -> None:
+    """Read the new file back and check it is the stripped checkpoint, every byte as meant.
 
-    The structure (keys, classes, each tensor's dtype, shape, strides, offset, requires_grad and
-    storage size) comes from a safe reload that maps the file without reading any weight; the
-    weights are checked against the CRC-32 torch computed for each record while writing. Reading
-    them back in chunks keeps memory flat; comparing values would also fail on NaN weights.
+    For a file `zipwrite` wrote (`layout`): its pickle is read back from the file and must be,
+    byte for byte, the pickle of `expected`; it must unpickle under the safe loader's policy with
+    every storage naming a record of its exact size, in the order, dtypes and sizes that were
+    saved; the top-level keys and their classes must be those of `expected`. Records written
+    from memory are checked against the CRC-32 computed while writing. Records copied from the
+    source carry the source's own CRC-32, and re-reading them whole would only re-read the
+    source: their first and last 4 KiB in the new file are compared with the bytes the strip
+    kept (catching a record copied from the wrong place). No weight is loaded.
+
+    For a file `torch.save` wrote (the zip64 fallback), the reload is torch's own (mmap, no
+    weight read), each tensor's dtype, shape, strides, offset, requires_grad and storage size
+    is compared with `expected`, and every record is re-read against its CRC-32.
     """
+    structure: safeload.Structure | None = None
     try:
-        back = safeload.load(written).obj
+        if layout is not None:
+            structure = safeload.load_structure(written, read_through=layout.from_memory)
+            obj = structure.obj
+        else:
+            obj = safeload.load(written).obj
+            _read_all_records(written)
     except CheckpointError as e:
         raise VerifyFailed(f"the written file does not read back: {e.message}") from None
-    if not isinstance(back, dict) or list(back) != list(expected):
+    if not isinstance(obj, dict) or list(obj) != list(expected):
         raise VerifyFailed("the written file has other top-level keys than the stripped checkpoint")
     for key in expected:
-        if strip.describe(back[key]) != strip.describe(expected[key]):
-            raise VerifyFailed(f"key {key!r} reads back as {strip.describe(back[key])}")
+        if strip.describe(obj[key]) != strip.describe(expected[key]):
+            raise VerifyFailed(f"key {key!r} reads back as {strip.describe(obj[key])}")
+    if layout is None or structure is None:
+        _compare_tensors(expected, obj)
+        return
+    if structure.pickle != layout.pickle:
+        raise VerifyFailed("the written file's pickle is not the one that was written")
+    if structure.storages != layout.storages:
+        raise VerifyFailed(f"the written file names {len(structure.storages)} storages, "
+                           f"{len(layout.storages)} were written, or their sizes differ")
+    if layout.copied_at:
+        try:
+            _check_copied(written, layout.copied_at)
+        except OSError as e:
+            raise VerifyFailed(f"the written file cannot be read back: {e}") from None
+
+
+def _compare_tensors(expected: Any, back: Any) -> None:
     a, b = list(strip.walk_tensors(expected)), list(strip.walk_tensors(back))
     if len(a) != len(b):
         raise VerifyFailed(f"{len(b)} tensors read back, {len(a)} were written")
     for i, (x, y) in enumerate(zip(a, b, strict=True)):
         if _layout(x) != _layout(y):
             raise VerifyFailed(f"tensor #{i} differs after the write: {_layout(y)} != {_layout(x)}")
+
+
+def _read_all_records(written: Path) -> None:
     try:
         with zipfile.ZipFile(written) as zf:
             for info in zf.infolist():
@@ -147,6 +263,25 @@ def verify(expected: dict[Any, Any], written: Path) -> None:
                         pass
     except (zipfile.BadZipFile, OSError) as e:
         raise VerifyFailed(f"the written file fails its checksums: {e}") from None
+
+
+def _check_copied(written: Path, copied_at: list[tuple[int, int, Any]], span: int = 4096) -> None:
+    fd = os.open(written, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        for header, size, storage in copied_at:
+            local = os.pread(fd, zipwrite.LOCAL.size, header)
+            if len(local) != zipwrite.LOCAL.size or local[:4] != b"PK\x03\x04":
+                raise VerifyFailed(f"no zip record where one was copied (offset {header})")
+            *_fields, nlen, elen = zipwrite.LOCAL.unpack(local)
+            offset = header + zipwrite.LOCAL.size + nlen + elen
+            ptr = storage.data_ptr()
+            for start in sorted({0, max(0, size - span)}):
+                n = min(span, size - start)
+                if os.pread(fd, n, offset + start) != ctypes.string_at(ptr + start, n):
+                    raise VerifyFailed(f"a weight record copied from the source reads back "
+                                       f"with other bytes (at offset {offset + start})")
+    finally:
+        os.close(fd)
 
 
 def _layout(t: torch.Tensor) -> tuple[Any, ...]:
@@ -163,7 +298,8 @@ def estimate_size(obj: Any) -> int:
 
 def inspect_file(path: Path) -> dict[str, Any]:
     """Where the bytes go: per top-level key, its type, tensors, bytes and dtypes."""
-    loaded = safeload.load(Path(path))
+    with _gc_paused():
+        loaded = safeload.load(Path(path))
     obj = loaded.obj
     profile: str | None
     reason: str | None
