@@ -162,7 +162,7 @@ def _save(obj: Any, writer: atomic.RecordingWriter, source: Path,
                 src_fd, now = safeload.open_regular(source)
                 if not now.same_content_as(loaded.facts):
                     raise SourceChanged("changed while stripping (rewritten before it was saved)")
-            return zipwrite.save(obj, strip.walk_tensors(obj), writer.fileno(), src_fd,
+            return zipwrite.save(obj, strip.weights(obj), writer.fileno(), src_fd,
                                  loaded.sources, module.Pickler)
     except CheckpointError:
         raise

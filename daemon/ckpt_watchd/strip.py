@@ -310,6 +310,36 @@ def walk_tensors(obj: Any) -> Iterator[torch.Tensor]:
 _LEAF_TYPES = frozenset({type(None), str, bytes, int, float, bool, complex})
 
 
+def weights(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors where checkpoints keep weights, found fast: a hint, not an inventory.
+
+    Tensors in containers (dicts, lists, tuples) and the parameters and buffers of every module
+    (real or stand-in) reachable through them; other module attributes are not searched. For
+    planning which weights a save can copy; anything missed is simply written from memory.
+    """
+    seen: set[int] = set()
+    stack: list[Any] = [obj]
+    tensor = torch.Tensor
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, tensor):
+            yield o
+        elif isinstance(o, dict):
+            stack.extend(v for v in o.values() if type(v) not in _LEAF_TYPES)
+        elif isinstance(o, (list, tuple)):
+            stack.extend(v for v in o if type(v) not in _LEAF_TYPES)
+        else:
+            d = _module_dict(o)
+            if d is not None:
+                for slot in ("_parameters", "_buffers", "_modules"):
+                    table = d.get(slot)
+                    if isinstance(table, dict):
+                        stack.extend(v for v in table.values() if v is not None)
+
+
 def storage_key(t: torch.Tensor) -> tuple[int, int]:
     s = t.untyped_storage()
     return (s.data_ptr(), s.nbytes())
