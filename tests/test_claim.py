@@ -17,6 +17,7 @@ import pytest
 
 from ckpt_watchd import claim as claim_mod
 from ckpt_watchd.claim import Claim, claim_path, try_claim
+from fixtures.daemon_io import read_audit
 
 HOUR = 3600.0
 
@@ -361,22 +362,6 @@ def test_processes_racing_to_take_over_stale_claims_claim_each_exactly_once(
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
 
-def _audit_events(path: Path, event: str) -> list[dict[str, Any]]:
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            break  # a line still being written
-        if record.get("event") == event:
-            out.append(record)
-    return out
-
-
 @pytest.mark.e2e
 def test_two_daemons_on_one_shared_root_strip_each_checkpoint_once(tmp_path: Path) -> None:
     """Two polling daemons, one root, own state dirs: every checkpoint stripped once, none failed."""
@@ -410,7 +395,7 @@ def test_two_daemons_on_one_shared_root_strip_each_checkpoint_once(tmp_path: Pat
                 stdout=subprocess.DEVNULL, stderr=err))
 
     def stripped() -> list[str]:
-        return sorted(e["path"] for a in audits for e in _audit_events(a, "ckpt.stripped"))
+        return sorted(e["path"] for a in audits for e in read_audit(a, "ckpt.stripped"))
 
     def logs() -> str:
         return "\n".join((tmp_path / f"{n}.stderr").read_text()[-2000:] for n in ("host-a", "host-b"))
@@ -431,9 +416,9 @@ def test_two_daemons_on_one_shared_root_strip_each_checkpoint_once(tmp_path: Pat
                 d.wait()
     assert codes == [0, 0], logs()
     assert stripped() == checkpoints  # each exactly once across both daemons
-    assert [e for a in audits for e in _audit_events(a, "ckpt.failed")] == []
+    assert [e for a in audits for e in read_audit(a, "ckpt.failed")] == []
     # Without claims the loser of a race strips too and finds the file "changed while stripping";
     # with them, the other daemon only ever sees the finished result.
-    skipped = [e["reason"] for a in audits for e in _audit_events(a, "ckpt.skipped")]
+    skipped = [e["reason"] for a in audits for e in read_audit(a, "ckpt.skipped")]
     assert set(skipped) <= {"already stripped"}, skipped
     assert list(root.rglob(".ckpt-watchd-claim.*")) == []

@@ -25,6 +25,7 @@ import pytest
 from ckpt_watchd.cli import build_settings
 from ckpt_watchd.metrics import Metrics, serve
 from ckpt_watchd.settings import OPTION_BY_NAME, OPTIONS, Settings
+from fixtures.daemon_io import read_audit
 
 try:
     import tomllib
@@ -531,20 +532,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _audit(path: Path) -> list[dict[str, Any]]:
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            break  # a line still being written
-    return out
-
-
 @pytest.fixture
 def public_dir() -> Iterator[Path]:
     """A folder a non-root user can reach (pytest's tmp_path sits in a 0700 folder of root's)."""
@@ -597,7 +584,7 @@ def test_image_command_as_non_root_strips_a_finished_run_and_stops_within_docker
                                 stdout=stdout, stderr=stderr)
     try:
         deadline = time.monotonic() + 180
-        while len([e for e in _audit(audit) if e.get("event") == "ckpt.stripped"]) < 3:
+        while len(read_audit(audit, "ckpt.stripped")) < 3:
             assert proc.poll() is None, stderr_path.read_text()[-3000:]
             assert time.monotonic() < deadline, stderr_path.read_text()[-3000:]
             time.sleep(0.1)  # the poll period of this wait, not a synchronisation guess
@@ -612,7 +599,7 @@ def test_image_command_as_non_root_strips_a_finished_run_and_stops_within_docker
             proc.kill()
             proc.wait()
     assert returncode == 0, stderr_path.read_text()[-3000:]
-    stripped = {e["path"]: e for e in _audit(audit) if e.get("event") == "ckpt.stripped"}
+    stripped = {e["path"]: e for e in read_audit(audit, "ckpt.stripped")}
     assert sorted(stripped) == sorted(str(runs / rel) for rel in sources)
     for rel in sources:
         path = runs / rel

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import signal
 import socket
@@ -19,6 +18,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from ckpt_watchd.notify import Notifier
+from fixtures.daemon_io import read_audit
 
 
 @pytest.fixture
@@ -156,22 +156,6 @@ class Collector:
         self.thread.join(timeout=5)
 
 
-def _audit_events(path: Path, event: str) -> list[dict[str, object]]:
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            break
-        if record.get("event") == event:
-            out.append(record)
-    return out
-
-
 @pytest.mark.e2e
 def test_daemon_ready_after_scan_watchdog_in_time_stopping_on_sigterm(
         tmp_path: Path, systemd: tuple[socket.socket, str]) -> None:
@@ -199,7 +183,7 @@ def test_daemon_ready_after_scan_watchdog_in_time_stopping_on_sigterm(
         discovered_at_ready = None
         while discovered_at_ready is None:
             if any(m == "READY=1" for _, m in collector.snapshot()):
-                discovered_at_ready = len(_audit_events(audit, "run.discovered"))
+                discovered_at_ready = len(read_audit(audit, "run.discovered"))
             assert proc.poll() is None, (tmp_path / "stderr.log").read_text()[-2000:]
             assert time.monotonic() < deadline, "no READY=1"
             time.sleep(0.02)  # the poll period of this wait

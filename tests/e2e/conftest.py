@@ -1,8 +1,9 @@
 """End-to-end harness: checkpoint templates, the daemon as a subprocess, its audit, waiting.
 
 Owns the session's YOLOv5-shaped templates (made by `trainer_sim.py make-checkpoints` in a
-subprocess, so this process never defines trainer classes), `Daemon`, the sd_notify listener and
-`wait_until`. It never depends on tests/fixtures and never sleeps except as a poll period.
+subprocess, so this process never defines trainer classes), `Daemon` and the sd_notify listener;
+reading the audit and polling with a deadline are shared with the reliability suite
+(`fixtures.daemon_io`). It never sleeps except as a poll period.
 """
 
 from __future__ import annotations
@@ -21,17 +22,16 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 
 from fixtures.daemon_io import TEMP_PREFIX as TEMP_PREFIX
-from fixtures.daemon_io import clean_env, read_audit
+from fixtures.daemon_io import DaemonOutput, clean_env, read_audit
 from fixtures.daemon_io import temp_files as temp_files  # re-exported to the tests
+from fixtures.daemon_io import wait_until as wait_until  # re-exported to the tests
 
 E2E_DIR = Path(__file__).resolve().parent
 TRAINER = E2E_DIR / "trainer_sim.py"
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,22 +100,6 @@ def is_valid_stripped(path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------- waiting
-
-
-def wait_until(predicate: Callable[[], T | None], timeout: float, what: str,
-               interval: float = 0.05, detail: Callable[[], str] | None = None) -> T:
-    """Poll `predicate` until it returns something truthy; fail with `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"\n{detail()}" if detail is not None else ""
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{extra}")
-        time.sleep(interval)  # the poll period of this loop, not a synchronisation guess
-
-
 
 
 # ---------------------------------------------------------------------------------- processes
@@ -197,7 +181,7 @@ class NotifyListener:
         self._sock.close()
 
 
-class Daemon:
+class Daemon(DaemonOutput):
     """`python -m ckpt_watchd --root ROOT --log-format json ...` as a subprocess."""
 
     counter = 0
@@ -229,36 +213,6 @@ class Daemon:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def events(self, name: str | None = None, **match: Any) -> list[dict[str, Any]]:
-        """Audit events written since this daemon was created, optionally filtered."""
-        out = read_audit(self.audit_path)[self.audit_offset:]
-        return [e for e in out if (name is None or e.get("event") == name)
-                and all(e.get(k) == v for k, v in match.items())]
-
-    def stderr_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.stderr_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "daemon stderr (tail):\n" + "\n".join(text.splitlines()[-lines:])
-
-    def wait_events(self, name: str, count: int, timeout: float, **match: Any
-                    ) -> list[dict[str, Any]]:
-        def enough() -> list[dict[str, Any]] | None:
-            found = self.events(name, **match)
-            if len(found) >= count:
-                return found
-            if not self.alive():
-                raise AssertionError(f"daemon exited ({self.proc and self.proc.returncode}) "
-                                     f"while waiting for {name}\n{self.stderr_tail()}")
-            return None
-
-        return wait_until(enough, timeout, f"{count} x {name} {match or ''}",
-                          detail=self.stderr_tail)
 
     def wait_ready(self, timeout: float = 30.0, status: str = "") -> str:
         """READY=1, then a STATUS= line containing `status`: start-up and a first round are done.

@@ -20,16 +20,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from fixtures import harness
 from fixtures.daemon_io import TEMP_PREFIX as TEMP_PREFIX
-from fixtures.daemon_io import clean_env, read_audit
+from fixtures.daemon_io import DaemonOutput, clean_env
 from fixtures.daemon_io import temp_files as temp_files  # re-exported to the tests
+from fixtures.daemon_io import wait_until as wait_until  # re-exported to the tests
 
-T = TypeVar("T")
 CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus"  # /work/shared/corpus
 # what `ckpts` generates: small, real torch.save output of each layout the daemon strips
 KINDS = ("yolov5", "yolov5_legacy", "generic", "ultralytics")
@@ -90,20 +90,6 @@ def is_valid_stripped(path: Path) -> bool:
 # ---------------------------------------------------------------------------------- waiting
 
 
-def wait_until(predicate: Callable[[], T], timeout: float, what: str,
-               detail: Callable[[], str] | None = None, interval: float = 0.05) -> T:
-    """Poll `predicate` until it returns something truthy; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"\n{detail()}" if detail is not None else ""
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}{extra}")
-        time.sleep(interval)  # the poll period of this loop, not a synchronisation guess
-
-
 # ---------------------------------------------------------------------------------- privileges
 
 _PR_CAPBSET_DROP = 24
@@ -140,9 +126,10 @@ def can_drop_privileges() -> bool:
 
 
 @dataclass
-class Daemon:
+class Daemon(DaemonOutput):
     """`python -m ckpt_watchd --root ROOT --log-format json ...` as a subprocess."""
 
+    stderr_lines = 40
     root: Path
     logs: Path
     args: tuple[str, ...]
@@ -179,21 +166,6 @@ class Daemon:
                 preexec_fn=preexec if (cap is not None or not privileged) else None)
         return self
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def events(self, name: str | None = None, **match: Any) -> list[dict[str, Any]]:
-        return [e for e in read_audit(self.audit_path)
-                if (name is None or e.get("event") == name)
-                and all(e.get(k) == v for k, v in match.items())]
-
-    def stderr_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.stderr_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "daemon stderr (tail):\n" + "\n".join(text.splitlines()[-lines:])
-
     def wait(self, timeout: float) -> int:
         """Wait for a `--once` daemon to exit; kill it and fail if it is still running then."""
         assert self.proc is not None
@@ -203,20 +175,6 @@ class Daemon:
             self.kill()
             raise AssertionError(f"daemon still running after {timeout:g}s (hung?)\n"
                                  f"{self.stderr_tail()}") from None
-
-    def wait_events(self, name: str, count: int, timeout: float, **match: Any
-                    ) -> list[dict[str, Any]]:
-        def enough() -> list[dict[str, Any]] | None:
-            found = self.events(name, **match)
-            if len(found) >= count:
-                return found
-            if not self.alive():
-                raise AssertionError(f"daemon exited ({self.proc and self.proc.returncode}) "
-                                     f"while waiting for {name}\n{self.stderr_tail()}")
-            return None
-
-        return wait_until(enough, timeout, f"{count} x {name} {match or ''}",
-                          detail=self.stderr_tail)
 
     def terminate(self, timeout: float = 60.0) -> int:
         """SIGTERM and wait for the exit code."""
