@@ -168,8 +168,8 @@ def test_verify_catches_a_wrong_byte_in_the_pickle(checkpoint: Callable[..., Pat
         engine.verify(stripped, out, written)
 
 
-def test_a_source_rewritten_before_the_save_is_not_copied(checkpoint: Callable[..., Path],
-                                                         generated: Path) -> None:
+def test_a_source_rewritten_before_the_save_is_not_copied(
+        checkpoint: Callable[..., Path]) -> None:
     path = checkpoint("yolov5")
     loaded = safeload.load(path)
     stripped = strip.strip(loaded.obj, "yolov5", now=NOW)

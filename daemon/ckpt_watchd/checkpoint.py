@@ -114,11 +114,8 @@ def _strip_file(
         written = _save(stripped, writer, path, loaded)
         if dest == path and written is not None and loaded.sources:
             with contextlib.suppress(CheckpointError):
-                fd, now_facts = safeload.open_regular(path)
-                if now_facts.same_content_as(facts):
-                    forgetting = atomic.forget_cached_pages(fd, facts.size, written.copied_from)
-                else:
-                    os.close(fd)
+                fd = _reopen(path, facts, "before its cache was dropped")
+                forgetting = atomic.forget_cached_pages(fd, facts.size, written.copied_from)
         syncing = atomic.BackgroundFsync(writer)
         try:
             verify(stripped, tmp, written)
@@ -159,9 +156,7 @@ def _save(obj: Any, writer: atomic.RecordingWriter, source: Path,
                 torch.save(obj, cast(IO[bytes], writer), pickle_module=module, pickle_protocol=2)
                 return None
             if loaded.sources:
-                src_fd, now = safeload.open_regular(source)
-                if not now.same_content_as(loaded.facts):
-                    raise SourceChanged("changed while stripping (rewritten before it was saved)")
+                src_fd = _reopen(source, loaded.facts, "before it was saved")
             return zipwrite.save(obj, strip.weights(obj), writer.fileno(), src_fd,
                                  loaded.sources, module.Pickler)
     except CheckpointError:
@@ -180,11 +175,18 @@ def _save(obj: Any, writer: atomic.RecordingWriter, source: Path,
             os.close(src_fd)
 
 
+def _reopen(path: Path, facts: safeload.FileFacts, when: str) -> int:
+    """An fd on `path`, provided it is still the file that was loaded (else SourceChanged)."""
+    fd, now = safeload.open_regular(path)
+    if not now.same_content_as(facts):
+        os.close(fd)
+        raise SourceChanged(f"changed while stripping (rewritten {when})")
+    return fd
+
+
 def _hash_source(path: Path, facts: safeload.FileFacts) -> str:
-    fd, now_facts = safeload.open_regular(path)
+    fd = _reopen(path, facts, "before it was hashed")
     try:
-        if not now_facts.same_content_as(facts):
-            raise SourceChanged("changed while stripping (rewritten before it was hashed)")
         return atomic.sha256_fd(fd)
     finally:
         os.close(fd)

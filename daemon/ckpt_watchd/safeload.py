@@ -334,7 +334,7 @@ class SafeUnpickler(pickle.Unpickler):
     @persistent_load.setter
     def persistent_load(self, fn: Callable[[Any], Any]) -> None:
         def checked(saved_id: Any) -> Any:
-            rec = _check_storage(saved_id)
+            rec = _check_storage(saved_id, _STORAGE_RECORDS)
             result = fn(saved_id)
             if rec is not None and rec.size and _NOTE_SOURCES[0]:
                 storage = getattr(result, "_untyped_storage", result)
@@ -358,14 +358,15 @@ _SOURCES: dict[int, tuple[zipwrite.SourceRecord, Any]] = {}
 _NOTE_SOURCES = [False]
 
 
-def _check_storage(saved_id: Any) -> zipwrite.SourceRecord | None:
+def _check_storage(saved_id: Any, records: dict[str, zipwrite.SourceRecord]
+                   ) -> zipwrite.SourceRecord | None:
     """A storage must claim exactly the bytes its zip record holds; returns that record.
 
     With mmap=True torch slices each storage out of the mapped file by its claimed size, clipped at
     the end of the file: a storage claiming more than its record would read the next records'
     bytes as weights (torch.load without mmap refuses such a file).
     """
-    if not _STORAGE_RECORDS or type(saved_id) is not tuple or len(saved_id) != 5:
+    if not records or type(saved_id) is not tuple or len(saved_id) != 5:
         return None
     _kind, storage_type, key, _location, numel = saved_id
     dtype = (torch.uint8 if storage_type is torch.UntypedStorage
@@ -377,7 +378,7 @@ def _check_storage(saved_id: Any) -> zipwrite.SourceRecord | None:
         size = _ELEMENT_SIZES[dtype] = torch._utils._element_size(dtype)  # type: ignore[no-untyped-call]
     if not isinstance(numel, int):
         return None
-    rec = _STORAGE_RECORDS.get(key if type(key) is str else str(key))
+    rec = records.get(key if type(key) is str else str(key))
     if rec is None or numel * size != rec.size:
         raise NotACheckpoint(f"storage {key!r} claims {numel * size} bytes but its record holds "
                              f"{rec.size if rec is not None else 'none'}")
@@ -537,6 +538,32 @@ class Container:
     storages: dict[str, zipwrite.SourceRecord] | None = None
 
 
+def _storage_records(infos: list[zipfile.ZipInfo], start_dir: int, size: int
+                     ) -> dict[str, zipwrite.SourceRecord]:
+    """Check a zip's directory is a torch checkpoint's; its storage records by key."""
+    names = [i.filename for i in infos]
+    if not any(n.endswith("data.pkl") for n in names):
+        raise NotACheckpoint("a zip file, but not a torch checkpoint (no data.pkl)")
+    if any(n.endswith("constants.pkl") for n in names):
+        raise NotACheckpoint("a TorchScript archive (torch.jit), not a training checkpoint")
+    stored = 0
+    for i in infos:
+        if i.compress_type != zipfile.ZIP_STORED:
+            # torch.save never compresses; a compressed record is how a zip bomb hides
+            raise NotACheckpoint(f"zip record {i.filename!r} is compressed; torch never writes that")
+        stored += i.file_size
+    if stored > size:
+        raise TornWrite(f"incomplete or torn write: records claim {stored} bytes in a "
+                        f"{size}-byte file")
+    physical = sorted(infos, key=lambda i: i.header_offset)
+    ends = [i.header_offset for i in physical[1:]] + [start_dir]
+    return {i.filename.rsplit("/data/", 1)[1]:
+            zipwrite.SourceRecord(i.filename, i.header_offset, end, n, i.file_size, i.CRC,
+                                  i.flag_bits)
+            for n, (i, end) in enumerate(zip(physical, ends, strict=True))
+            if "/data/" in i.filename}
+
+
 def preflight(fd: int, size: int) -> Container:
     """Classify the bytes without unpickling anything: torn write, foreign file, zip bomb."""
     if size == 0:
@@ -556,27 +583,7 @@ def preflight(fd: int, size: int) -> Container:
                 raise NotACheckpoint(f"a zip file torch did not write ({e})") from None
             infos = zf.infolist()
             start_dir = zf.start_dir
-        names = [i.filename for i in infos]
-        if not any(n.endswith("data.pkl") for n in names):
-            raise NotACheckpoint("a zip file, but not a torch checkpoint (no data.pkl)")
-        if any(n.endswith("constants.pkl") for n in names):
-            raise NotACheckpoint("a TorchScript archive (torch.jit), not a training checkpoint")
-        stored = 0
-        for i in infos:
-            if i.compress_type != zipfile.ZIP_STORED:
-                # torch.save never compresses; a compressed record is how a zip bomb hides
-                raise NotACheckpoint(f"zip record {i.filename!r} is compressed; torch never writes that")
-            stored += i.file_size
-        if stored > size:
-            raise TornWrite(f"incomplete or torn write: records claim {stored} bytes in a "
-                            f"{size}-byte file")
-        physical = sorted(infos, key=lambda i: i.header_offset)
-        ends = [i.header_offset for i in physical[1:]] + [start_dir]
-        records = {i.filename.rsplit("/data/", 1)[1]:
-                   zipwrite.SourceRecord(i.filename, i.header_offset, end, n, i.file_size, i.CRC,
-                                         i.flag_bits)
-                   for n, (i, end) in enumerate(zip(physical, ends, strict=True))
-                   if "/data/" in i.filename}
+        records = _storage_records(infos, start_dir, size)
         return Container("zip", len(infos), records)
     if head[:1] == bytes([_PICKLE_PROTO]):
         return Container("legacy", 0)
@@ -707,11 +714,10 @@ def load_structure(path: os.PathLike[str] | str, *, read_through: Collection[str
     try:
         with os.fdopen(os.dup(fd), "rb") as f, zipfile.ZipFile(f) as zf:
             infos = zf.infolist()
+            records = _storage_records(infos, zf.start_dir, facts.size)
             pkl = [i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl"]
             if len(pkl) != 1:
                 raise NotACheckpoint("no single data.pkl record")
-            if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
-                raise NotACheckpoint("a compressed zip record; torch never writes that")
             data = zf.read(pkl[0])
             wanted = set(read_through)
             for info in infos:
@@ -723,22 +729,18 @@ def load_structure(path: os.PathLike[str] | str, *, read_through: Collection[str
         raise UnreadableFile(f"cannot read back: {e}") from None
     finally:
         os.close(fd)
-    records = {i.filename.rsplit("/data/", 1)[1]: i for i in infos if "/data/" in i.filename}
-    if sum(i.file_size for i in infos) > facts.size:
-        raise TornWrite("incomplete write: records claim more bytes than the file holds")
     storages: dict[str, torch.UntypedStorage] = {}
     order: list[tuple[str, torch.dtype, int]] = []
 
     def persistent_load(saved_id: Any) -> Any:
         if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"):
             raise NotACheckpoint(f"unexpected persistent id {saved_id!r:.80}")
-        _kind, storage_type, key, _location, numel = saved_id
+        _kind, storage_type, key, _location, _numel = saved_id
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-        nbytes = numel * torch._utils._element_size(dtype)  # type: ignore[no-untyped-call]
-        rec = records.get(str(key))
-        if rec is None or rec.file_size != nbytes:
-            raise NotACheckpoint(f"storage {key!r} claims {nbytes} bytes but its record holds "
-                                 f"{rec.file_size if rec is not None else 'none'}")
+        rec = _check_storage(saved_id, records)
+        if rec is None:
+            raise NotACheckpoint(f"unexpected persistent id {saved_id!r:.80}")
+        nbytes = rec.size
         storage = storages.get(str(key))
         if storage is None:
             storage = storages[str(key)] = torch.UntypedStorage(nbytes, device="meta")  # type: ignore[no-untyped-call]

@@ -80,13 +80,16 @@ class Written:
     from_memory: list[str] = field(default_factory=list)
     # records copied from the source: (local header offset in the new file, size, kept storage)
     copied_at: list[tuple[int, int, Any]] = field(default_factory=list)
-    copied_bytes: int = 0
     # the source ranges (offset, length) that were copied
     copied_from: list[tuple[int, int]] = field(default_factory=list)
     # the data.pkl written, and each storage as the pickle first names it: (key, dtype, bytes)
     pickle: bytes = b""
     storages: list[tuple[str, torch.dtype, int]] = field(default_factory=list)
     size: int = 0
+
+    @property
+    def copied_bytes(self) -> int:
+        return sum(size for _header, size, _storage in self.copied_at)
 
 
 def available() -> bool:
@@ -398,4 +401,3 @@ class _Copier:
                 out_header = run.out_start + rec.header_offset - run.src_start
                 self._zw.add_copied(rec, out_header)
                 written.copied_at.append((out_header, rec.size, sources[by_ptr[rec]][1]))
-                written.copied_bytes += rec.size
