@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -401,3 +403,18 @@ def test_run_left_finished_by_a_kill_is_marked_stripped_on_restart(world: World,
     step(svc, clock, 0.0)
     row = svc.store.get_run(run)
     assert row is not None and row.state == "stripped"
+
+
+# the modules that import torch at top level: only worker processes and one-shot commands load them
+TORCH_SIDE = ("torch", "ckpt_watchd.safeload", "ckpt_watchd.strip", "ckpt_watchd.checkpoint",
+              "ckpt_watchd.zipwrite")
+MAIN_PROCESS = ("cli", "service", "pool", "worker", "watcher", "tracker", "state", "audit",
+                "notify", "metrics", "hooks", "claim", "status", "archive", "settings", "paths")
+
+
+def test_the_daemons_main_process_modules_never_import_torch() -> None:
+    """Importing everything the daemon's main process uses loads none of the torch-side modules."""
+    code = (f"import sys\nfor m in {MAIN_PROCESS!r}:\n    __import__('ckpt_watchd.' + m)\n"
+            f"print([m for m in {TORCH_SIDE!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
