@@ -402,7 +402,9 @@ def test_two_daemons_on_one_shared_root_strip_each_checkpoint_once(tmp_path: Pat
 
     try:
         deadline = time.monotonic() + 240
-        while sorted(set(stripped())) != checkpoints:
+        # both must have started too: a SIGTERM before a daemon's handlers are in kills it (-15)
+        while (sorted(set(stripped())) != checkpoints
+               or not all(read_audit(a, "daemon.started") for a in audits)):
             assert all(d.poll() is None for d in daemons), logs()
             assert time.monotonic() < deadline, logs()
             time.sleep(0.1)  # the poll period of this wait, not a synchronisation guess

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -236,18 +235,6 @@ class Daemon(DaemonOutput):
 
     def workers(self) -> list[int]:
         return [p for p in descendants(self.pid) if "multiprocessing.spawn" in cmdline(p)]
-
-    def terminate(self, timeout: float = 60.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"daemon did not exit {timeout:g}s after SIGTERM\n"
-                                 f"{self.stderr_tail()}") from None
 
     def kill9(self) -> None:
         """SIGKILL the daemon and wait until every process it had started is gone too."""

@@ -13,7 +13,6 @@ import contextlib
 import ctypes
 import os
 import resource
-import signal
 import subprocess
 import sys
 import time
@@ -121,10 +120,6 @@ def can_drop_privileges() -> bool:
 # ---------------------------------------------------------------------------------- the daemon
 
 
-
-
-
-
 @dataclass
 class Daemon(DaemonOutput):
     """`python -m ckpt_watchd --root ROOT --log-format json ...` as a subprocess."""
@@ -175,12 +170,6 @@ class Daemon(DaemonOutput):
             self.kill()
             raise AssertionError(f"daemon still running after {timeout:g}s (hung?)\n"
                                  f"{self.stderr_tail()}") from None
-
-    def terminate(self, timeout: float = 60.0) -> int:
-        """SIGTERM and wait for the exit code."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.wait(timeout)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
