@@ -502,13 +502,15 @@ def test_tiny_pickle_cannot_make_the_strip_allocate_and_write_a_huge_blob(
 
 
 # Unpickles a LONG_BINPUT bomb with no cap of the test's own (only the worker's per-job cap) and
-# reports the outcome and the peak RSS.
+# reports the outcome and the peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss across
+# fork+exec, so a child would report pytest's own peak (over 1 GiB late in a full run).
 _MEMO_BOMB = r"""
-import json, resource, sys
+import json, sys
 from ckpt_watchd.worker import StripJob, run_job
 o = run_job(StripJob(path=sys.argv[1]))
-print(json.dumps({"status": o.status, "error_type": o.error_type,
-                  "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+with open("/proc/self/status") as f:
+    hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+print(json.dumps({"status": o.status, "error_type": o.error_type, "maxrss": hwm}))
 """
 
 
