@@ -98,8 +98,8 @@ def world(tmp_path: Path) -> Iterator[World]:
         close()
 
 
-def make(world: World, tmp_path: Path, clock: list[float], claimer: Any = None, **opts: Any
-         ) -> tuple[Service, FakePool, Path]:
+def make(world: World, tmp_path: Path, clock: list[float], claimer: Any = None,
+         writers: Any = None, **opts: Any) -> tuple[Service, FakePool, Path]:
     world.root.mkdir(exist_ok=True)
     base: dict[str, Any] = {"settle": 60, "rescan_interval": 300, "retry_backoff": 10,
                             "max_attempts": 3}
@@ -118,7 +118,7 @@ def make(world: World, tmp_path: Path, clock: list[float], claimer: Any = None, 
                   clock=lambda: clock[0], wall=lambda: 1_000_000 + clock[0],
                   probe=world.probe, find=world.find, cadence=lambda run, newest: None,
                   in_use=lambda run: 4242 if run in {w.parent for w in world.busy} else None,
-                  claimer=claimer)
+                  claimer=claimer, writers=writers)
     return svc, pools[0], s.audit_log
 
 
@@ -256,6 +256,79 @@ def test_run_with_a_writer_process_waits(world: World, tmp_path: Path) -> None:
     world.busy.clear()
     step(svc, clock, 120.0)
     assert len(pool.jobs) == 1
+
+
+class FakeWriters:
+    """Who last wrote each folder, as the fanotify listener would say; a pid in `alive` runs."""
+
+    def __init__(self, error: str | None = None) -> None:
+        self.last: dict[Path, int] = {}
+        self.alive: set[int] = set()
+        self.watched: list[Path] = []
+        self.forgotten: list[Path] = []
+        self.drains = 0
+        self.error = error
+
+    def watch(self, folder: Path) -> None:
+        self.watched.append(folder)
+
+    def drain(self) -> None:
+        self.drains += 1
+
+    def live(self, folder: Path) -> int | None:
+        pid = self.last.get(folder)
+        return pid if pid in self.alive else None
+
+    def forget(self, folder: Path) -> None:
+        self.forgotten.append(folder)
+
+
+def test_run_whose_last_writer_still_runs_waits(world: World, tmp_path: Path) -> None:
+    """No file open, files quiet past the quiet period, but the trainer that wrote them lives on
+    (a very slow epoch): run.busy once, no job, until that process is gone."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    world.write(wdir, "last.pt", 1_000_000 - 3600)
+    writers = FakeWriters()
+    writers.last[wdir], writers.alive = 777, {777}
+    svc, pool, audit = make(world, tmp_path, clock, writers=writers)
+    step(svc, clock, 0.0)
+    assert writers.watched == [wdir]  # followed from discovery on
+    step(svc, clock, 60.0)
+    assert pool.jobs == []
+    busy = events(audit, "run.busy")
+    assert [(e["pid"], e["reason"]) for e in busy] == [
+        (777, "quiet, but the process that last wrote its checkpoints still runs")]
+    assert writers.drains >= 2  # the kernel's queue is read every round
+    writers.alive.clear()
+    step(svc, clock, 120.0)
+    assert len(pool.jobs) == 1
+
+
+def test_a_run_that_vanishes_is_no_longer_followed(world: World, tmp_path: Path) -> None:
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    world.write(wdir, "last.pt", 1_000_000)
+    writers = FakeWriters()
+    svc, _pool, _audit = make(world, tmp_path, clock, writers=writers)
+    step(svc, clock, 0.0)
+    del world.files[wdir]
+    wdir.rmdir()
+    svc.next_reconcile = 0.0
+    step(svc, clock, 1.0)
+    assert writers.forgotten == [wdir]
+
+
+def test_when_writers_cannot_be_followed_the_daemon_says_so_once(world: World,
+                                                                tmp_path: Path) -> None:
+    clock = [0.0]
+    for name in ("a", "b"):
+        world.write(world.add_run(f"train/{name}"), "last.pt", 1_000_000)
+    svc, _pool, audit = make(world, tmp_path, clock,
+                             writers=FakeWriters(error="fanotify_mark: No space left on device"))
+    step(svc, clock, 0.0)
+    warnings = [e["message"] for e in events(audit, "daemon.warning")]
+    assert len(warnings) == 1 and "fanotify_mark: No space left on device" in warnings[0]
 
 
 def test_dry_run_jobs_change_nothing_and_report_once(world: World, tmp_path: Path) -> None:
@@ -409,7 +482,8 @@ def test_run_left_finished_by_a_kill_is_marked_stripped_on_restart(world: World,
 TORCH_SIDE = ("torch", "ckpt_watchd.safeload", "ckpt_watchd.strip", "ckpt_watchd.checkpoint",
               "ckpt_watchd.zipwrite")
 MAIN_PROCESS = ("cli", "service", "pool", "worker", "watcher", "tracker", "state", "audit",
-                "notify", "metrics", "hooks", "claim", "status", "archive", "settings", "paths")
+                "notify", "metrics", "hooks", "claim", "status", "archive", "settings", "paths",
+                "writers")
 
 
 def test_the_daemons_main_process_modules_never_import_torch() -> None:

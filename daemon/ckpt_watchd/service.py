@@ -3,7 +3,8 @@
 It owns the clock, the stop flag, signal handling and the lifecycle (start-up scan, READY, reconcile,
 drain, daemon.stopped). `step(now, wall)` does one round of work and returns the next deadline, so
 tests drive it with a fake clock, a fake pool and no threads; `run()` only sleeps until that deadline
-or a wake-up. Everything it learns from other threads arrives through `Hints` and the outcome queue.
+or a wake-up. Everything it learns from other threads arrives through `Hints` and the outcome queue;
+who wrote which run it reads itself, from the fanotify listener (`writers`), in each round.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ckpt_watchd.settings import Settings
 from ckpt_watchd.state import GIVEN_UP, StateStore
 from ckpt_watchd.tracker import DONE, SETTLING, Tracker
 from ckpt_watchd.worker import StripJob
+from ckpt_watchd.writers import WriterWatch
 
 log = structlog.get_logger("ckpt_watchd.service")
 
@@ -38,6 +40,17 @@ _POLL_FALLBACK = 30.0
 _PREWARM_S = 60.0
 # At most one round per this many seconds when only file events woke the loop.
 _COALESCE_S = 0.5
+
+
+class WriterSource(Protocol):
+    """Who last wrote each weights folder (`writers.WriterWatch`, or a fake in tests)."""
+
+    error: str | None
+
+    def watch(self, folder: Path) -> None: ...
+    def drain(self) -> None: ...
+    def live(self, folder: Path) -> int | None: ...
+    def forget(self, folder: Path) -> None: ...
 
 
 class Pool(Protocol):
@@ -70,7 +83,8 @@ class Service:
                  find: Callable[..., Iterable[Path]] = watcher.find_weights_dirs,
                  cadence: Callable[[Path, float | None], float | None] = watcher.cadence_hint,
                  in_use: Callable[[Path], int | None] = watcher.run_in_use,
-                 claimer: Any = None, notifier: Any = None, metrics: Any = None) -> None:
+                 claimer: Any = None, notifier: Any = None, metrics: Any = None,
+                 writers: WriterSource | None = None, writers_how: str = "off") -> None:
         self.s = settings
         self.store = store
         self.auditor = auditor
@@ -84,6 +98,9 @@ class Service:
         self._find = find
         self._cadence = cadence
         self._in_use = in_use
+        self.writers = writers
+        self._writers_how = writers_how
+        self._writers_warned = False
         self._busy_reported: set[str] = set()
         self.claimer = claimer
         self.notifier = notifier
@@ -120,6 +137,9 @@ class Service:
             self.reopen_requested = False
             self.auditor.reopen()
         self._drain_outcomes(now, wall)
+        if self.writers is not None:
+            self.writers.drain()  # keep the kernel's queue short; live() drains again
+            self._check_writers()
         runs, subtrees = self.hints.drain()
         for sub in subtrees:
             runs.update(self._runs_under(sub))
@@ -193,6 +213,8 @@ class Service:
 
     def _forget(self, wdir: Path, wall: float) -> None:
         self.tracker.forget(str(wdir))
+        if self.writers is not None:
+            self.writers.forget(wdir)
         self.store.forget_run(str(wdir.parent))
         self.auditor.emit(audit.RUN_FORGOTTEN, run=str(wdir.parent))
 
@@ -208,6 +230,7 @@ class Service:
         p = self._probe(wdir)
         known = self.tracker.view(key, now)
         if known is None:
+            self._watch_writers(wdir)
             row = self.store.get_run(run)
             if row is None:
                 self.auditor.emit(audit.RUN_DISCOVERED, run=run)
@@ -251,13 +274,12 @@ class Service:
             self._record_done(run, wall)
             return
         # only now, with work to do, look for a live writer (a /proc scan, ~ms)
-        pid = self._in_use(wdir.parent)
-        if pid is not None:
-            # quiet files, but a live process still holds the run's files open: a slow epoch
+        busy = self._live_writer(wdir)
+        if busy is not None:
+            # quiet files, but the trainer is still there: a slow epoch
             if run not in self._busy_reported:
                 self._busy_reported.add(run)
-                self.auditor.emit(audit.RUN_BUSY, run=run, pid=pid,
-                                  reason="quiet, but a process still has files in the run open")
+                self.auditor.emit(audit.RUN_BUSY, run=run, pid=busy[0], reason=busy[1])
             self.tracker.look_again(key, now)
             return
         self._busy_reported.discard(run)
@@ -276,6 +298,29 @@ class Service:
         self.work[wdir] = _RunWork(files=dict(todo), claims=claims, again=bool(elsewhere))
         for path in sorted(todo, key=lambda s: not s.endswith("last.pt")):
             self._submit(path, attempts[path])
+
+    def _live_writer(self, wdir: Path) -> tuple[int, str] | None:
+        """(pid, why) of a process that shows the run is still training, else None."""
+        if self.writers is not None:  # a dict lookup and one /proc read: before the /proc scan
+            pid = self.writers.live(wdir)
+            if pid is not None:
+                return pid, "quiet, but the process that last wrote its checkpoints still runs"
+        pid = self._in_use(wdir.parent)
+        if pid is not None:
+            return pid, "quiet, but a process still has files in the run open"
+        return None
+
+    def _watch_writers(self, wdir: Path) -> None:
+        if self.writers is not None:
+            self.writers.watch(wdir)
+            self._check_writers()
+
+    def _check_writers(self) -> None:
+        assert self.writers is not None
+        if self.writers.error is not None and not self._writers_warned:
+            self._writers_warned = True
+            self.warn(f"cannot follow (all) checkpoint writers: {self.writers.error}; those runs "
+                      f"rely on the quiet period and the open-file check alone")
 
     def _record_done(self, run: str, wall: float) -> None:
         """Every file was already dealt with (a restart after a kill): make the run's state say so."""
@@ -485,7 +530,7 @@ class Service:
         """Start watching, then the start-up scan: stale temps removed, every run looked at."""
         now, wall = self.clock(), self.wall()
         self.auditor.emit(audit.DAEMON_STARTED, root=str(self.s.root), pid=os.getpid(),
-                          settings=self.s.as_dict())
+                          settings=self.s.as_dict(), writer_pids=self._writers_how)
         self.watcher = watcher.Watcher(self.s.root, self.s.pattern, self.s.files, self.hints,
                                        ignore=self._skip, warn=self.warn)
         if self.s.poll is None and not self.s.once:
@@ -622,8 +667,10 @@ def run_daemon(settings: Settings) -> int:
         return WorkerPool(settings.workers, job_timeout=settings.job_timeout, on_done=on_done,
                           nice=settings.nice, io_idle=settings.io_idle)
 
+    writers, writers_how = (None, "off: --once") if settings.once else WriterWatch.open()
     svc = Service(settings, store=store, auditor=auditor, pool_factory=make_pool,
-                  claimer=_default_claimer(settings), notifier=notifier, metrics=metrics)
+                  claimer=_default_claimer(settings), notifier=notifier, metrics=metrics,
+                  writers=writers, writers_how=writers_how)
     if metrics is not None and settings.metrics_addr:
         from ckpt_watchd import metrics as metrics_mod
 
@@ -637,5 +684,7 @@ def run_daemon(settings: Settings) -> int:
         if server is not None:
             server.close()
         notifier.close()
+        if writers is not None:
+            writers.close()
         auditor.close()
         store.close()

@@ -270,6 +270,8 @@ def test_a_five_times_longer_epoch_is_not_taken_for_the_end_of_the_run(
     """A trainer whose 6th epoch takes 5x as long as the others is never stripped while it runs."""
     d = daemons(root, settle=2, notify=True)
     d.wait_ready()
+    writer_pids = d.events("daemon.started")[0]["writer_pids"]
+    follows_writers = writer_pids == "fanotify"
     weights = root / "train" / "exp" / "weights"
     status = tmp_path / "irregular.status"
     trainer = start_trainer(weights, templates, status, "--epochs", "9", "--slow-epoch", "5",
@@ -280,13 +282,16 @@ def test_a_five_times_longer_epoch_is_not_taken_for_the_end_of_the_run(
             early = [e for e in d.events() if e["event"] in (
                 "run.finished", "ckpt.stripped", "ckpt.failed", "ckpt.skipped")]
             done = [x["epoch"] for x in trainer_lines(status)]
-            if early and not tensorboard and done and done[-1] == 4 and trainer.poll() is None:
-                # quiet period = max(settle, 3 x longest gap so far) = 3 s < the 5 s epoch, and
-                # this trainer holds no file open that could tell the daemon it is alive
+            if early and not tensorboard and not follows_writers and done and done[-1] == 4 \
+                    and trainer.poll() is None:
+                # quiet period = max(settle, 3 x longest gap so far) = 3 s < the 5 s epoch, this
+                # trainer holds no file open, and without fanotify (CAP_SYS_ADMIN) the daemon
+                # cannot learn which process wrote the run
                 pytest.xfail("known design limit: a first epoch more than 3x longer than any "
                              "before (and than --settle) in a trainer without an open file in "
-                             f"its run is taken for the end: {early[0]['event']} quiet_s="
-                             f"{early[0].get('quiet_s')} during the slow epoch")
+                             f"its run, with writer pids {writer_pids!r}, is taken for the end: "
+                             f"{early[0]['event']} quiet_s={early[0].get('quiet_s')} during the "
+                             "slow epoch")
             assert not early, f"the daemon acted on a live run: {early}"
             return trainer.poll() is not None
 
