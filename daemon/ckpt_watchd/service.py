@@ -667,7 +667,13 @@ def run_daemon(settings: Settings) -> int:
         return WorkerPool(settings.workers, job_timeout=settings.job_timeout, on_done=on_done,
                           nice=settings.nice, io_idle=settings.io_idle)
 
-    writers, writers_how = (None, "off: --once") if settings.once else WriterWatch.open()
+    writers: WriterWatch | None = None
+    if settings.once:
+        writers_how = "off: --once"
+    elif not settings.follow_writers:
+        writers_how = "off: --no-follow-writers"
+    else:
+        writers, writers_how = WriterWatch.open()
     svc = Service(settings, store=store, auditor=auditor, pool_factory=make_pool,
                   claimer=_default_claimer(settings), notifier=notifier, metrics=metrics,
                   writers=writers, writers_how=writers_how)

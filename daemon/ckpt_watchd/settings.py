@@ -63,6 +63,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("drain_timeout", float, 30.0, "seconds in-flight strips may finish after SIGTERM", "SECONDS"),
     Option("nice", int, 10, "CPU niceness of the worker processes (0-19)", "N"),
     Option("io_idle", bool, True, "run workers in the idle I/O scheduling class"),
+    Option("follow_writers", bool, True, "keep a quiet run unfinished while the process that last "
+           "wrote its checkpoints runs (fanotify: needs CAP_SYS_ADMIN, else off by itself)"),
     Option("metrics_addr", str, None, "serve Prometheus /metrics and /healthz on HOST:PORT", "HOST:PORT"),
     Option("on_stripped", str, None, "command run after each stripped run (argv split, no shell)",
            "CMD"),
@@ -97,6 +99,7 @@ class Settings:
     drain_timeout: float = 30.0
     nice: int = 10
     io_idle: bool = True
+    follow_writers: bool = True
     metrics_addr: str | None = None
     on_stripped: str | None = None
     on_stripped_shell: bool = False

@@ -263,6 +263,22 @@ def test_resumed_run_is_tracked_again_and_stripped_again(
     assert d.terminate() == 0
 
 
+@pytest.mark.parametrize("args", [(), ("--no-follow-writers",)], ids=["default", "off"])
+def test_the_daemon_says_whether_it_follows_writer_pids(root: Path, daemons: Daemons,
+                                                        args: tuple[str, ...]) -> None:
+    """daemon.started names how writers are followed: fanotify where allowed, else why not."""
+    d = daemons(root, *args)
+    started = d.wait_events("daemon.started", 1, timeout=30)[0]
+    if args:
+        assert started["writer_pids"] == "off: --no-follow-writers"
+    elif os.geteuid() == 0:  # root here: CAP_SYS_ADMIN, unless a container took it away
+        assert started["writer_pids"] in ("fanotify", "unavailable: fanotify needs CAP_SYS_ADMIN")
+    else:
+        assert started["writer_pids"] == "unavailable: fanotify needs CAP_SYS_ADMIN"
+    assert started["settings"]["follow_writers"] is not bool(args)
+    assert d.terminate() == 0
+
+
 @pytest.mark.parametrize("tensorboard", [True, False], ids=["events-file-open", "no-open-file"])
 def test_a_five_times_longer_epoch_is_not_taken_for_the_end_of_the_run(
         root: Path, tmp_path: Path, templates: Templates, daemons: Daemons,
