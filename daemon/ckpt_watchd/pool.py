@@ -2,8 +2,14 @@
 
 It owns spawning (spawn context: never fork a process that runs watchdog threads), the job timeout,
 crash detection and respawn, idle shutdown of workers (torch costs memory only while there is work),
-and the drain on shutdown. Every job ends in exactly one `on_done(job, outcome)` call, made on a slot
-thread. It never imports torch; the workers do, lazily.
+which slot runs which job, and the drain on shutdown. Every job ends in exactly one
+`on_done(job, outcome)` call, made on a slot thread. It never imports torch; the workers do, lazily.
+
+Starting a worker costs about a second (an interpreter and torch), a strip of a small checkpoint a
+few tens of milliseconds. So a job never waits for a start while a started worker could take it:
+a slot without a worker starts one *ahead* (taking no job) when every started worker is busy, and
+the queued job goes to whichever worker is free first. Only when no other worker exists does a slot
+take a job and start its worker for it, so that a failure to start is that job's outcome.
 """
 
 from __future__ import annotations
@@ -11,10 +17,10 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import queue
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -25,7 +31,9 @@ from ckpt_watchd.outcome import FAILED, Outcome
 from ckpt_watchd.worker import WORKER_READY, StripJob, worker_main
 
 OnDone = Callable[[StripJob, Outcome], None]
-_WARM: Any = object()  # queue token: start a worker process now, so a strip due soon starts at once
+
+# what a slot thread does next (WorkerPool._next)
+_RUN, _START, _IDLE, _EXIT = "run", "start", "idle", "exit"
 
 
 class _Slot:
@@ -36,6 +44,9 @@ class _Slot:
         self.conn: Connection | None = None
         self.job: StripJob | None = None
         self.ready = False  # the worker has said it started (see worker_main)
+        self.starting = False  # starting a worker ahead of any job (pool.cv guards it)
+        self.busy = False  # running a job, its worker perhaps still starting (pool.cv guards it)
+        self.start_failed = False  # the last start ahead failed: take jobs, do not start again
         self.thread = threading.Thread(target=self._loop, name=f"ckpt-watchd-slot-{index}",
                                        daemon=True)
 
@@ -71,39 +82,43 @@ class _Slot:
     def _loop(self) -> None:
         pool = self.pool
         while True:
-            warm = self.proc is not None
-            if not warm:
-                # a slot without a worker leaves jobs to an idle warm one: taking it would make
-                # the strip wait seconds for a spawn and a torch import while a worker sits idle
-                with pool.cv:
-                    pool.cv.wait_for(lambda: pool.warm_idle == 0)
-            else:
-                pool.note_warm_idle(+1)
-            try:
-                job = pool.jobs.get(timeout=pool.idle_exit if warm else None)
-            except queue.Empty:
-                pool.note_warm_idle(-1)
-                self._reap(kill=True)  # idle: give torch's memory back until the next job
-                continue
-            if warm:
-                pool.note_warm_idle(-1)
-            if job is None:
+            action, job = pool._next(self)
+            if action == _EXIT:
                 self._reap(kill=True)
                 return
-            if job is _WARM:
-                pool.warm_requested.clear()
-                if self.proc is None or not self.proc.is_alive():
-                    self._reap(kill=True)
-                    # cannot start one now (EAGAIN, ENOMEM, a broken interpreter): the next job
-                    # tries again and reports why; an exception here would end this slot's
-                    # thread and strand every later job
-                    with contextlib.suppress(Exception):
-                        self._spawn()  # the worker imports torch at once, before any job arrives
+            if action == _IDLE:
+                self._reap(kill=True)  # idle: give torch's memory back until the next job
                 continue
+            if action == _START:
+                ok = self._start_ahead()
+                with pool.cv:
+                    self.starting, self.start_failed = False, not ok
+                    pool.cv.notify_all()
+                continue
+            assert job is not None
             self.job = job
             outcome = self._run(job)
             self.job = None
             pool.finish(job, outcome)
+
+    def _start_ahead(self) -> bool:
+        """Start a worker and wait until it has imported torch; False if it could not start.
+
+        No job is charged for a failure here (EAGAIN, ENOMEM, a broken interpreter): the next job
+        this slot takes tries again and reports why, and an exception would end this slot's thread
+        and strand every later job.
+        """
+        self._reap(kill=True)
+        try:
+            self._spawn()
+            assert self.conn is not None
+            if self.conn.poll(self.pool.job_timeout) and self.conn.recv() == WORKER_READY:
+                self.ready = True
+                return True
+        except Exception:
+            pass
+        self._reap(kill=True)
+        return False
 
     def _run(self, job: StripJob) -> Outcome:
         pool = self.pool
@@ -178,11 +193,13 @@ class WorkerPool:
         self.io_idle = io_idle
         self.idle_exit = idle_exit
         self.on_done = on_done
-        self.jobs: queue.Queue[StripJob | None] = queue.Queue()
         self.cancelling = threading.Event()
-        self.warm_requested = threading.Event()
+        # guards the queue, the three fields below it, and each slot's starting/busy/start_failed
         self.cv = threading.Condition()
-        self.warm_idle = 0  # slots with a live worker waiting for a job
+        self._queue: deque[StripJob] = deque()
+        self._warm_wanted = False  # prewarm(): have one worker started before the next job
+        self._closing = False
+        self.warm_idle = 0  # slots with a started worker waiting for a job
         self.restarts = 0
         self._lock = threading.Lock()
         self.spawn_lock = threading.Lock()
@@ -194,7 +211,59 @@ class WorkerPool:
     def submit(self, job: StripJob) -> None:
         with self._lock:
             self._in_flight += 1
-        self.jobs.put(job)
+        with self.cv:
+            self._queue.append(job)
+            self.cv.notify_all()
+
+    def _next(self, slot: _Slot) -> tuple[str, StripJob | None]:
+        """What `slot` does next: run a job, start a worker ahead, retire an idle worker, or exit."""
+        with self.cv:
+            slot.busy = False
+            warm = slot.proc is not None
+            deadline = time.monotonic() + self.idle_exit if warm else None
+            if warm:
+                self.warm_idle += 1
+                self.cv.notify_all()
+            try:
+                while True:
+                    if self._closing:
+                        return _EXIT, None
+                    if not self._queue:
+                        slot.start_failed = False
+                    action = self._decide(slot, warm)
+                    if action == _RUN:
+                        slot.busy = True
+                        self._warm_wanted = False  # this job starts a worker if none is up
+                        return _RUN, self._queue.popleft()
+                    if action == _START:
+                        slot.starting = True
+                        return _START, None
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return _IDLE, None
+                    self.cv.wait(None if deadline is None else deadline - time.monotonic())
+            finally:
+                if warm:
+                    self.warm_idle -= 1
+                    self.cv.notify_all()
+
+    def _decide(self, slot: _Slot, warm: bool) -> str | None:
+        """The dispatch rule, under self.cv: _RUN, _START, or None (wait)."""
+        if warm:
+            return _RUN if self._queue else None
+        if self.warm_idle:  # a started worker sits idle: the next job is its
+            return None
+        others = [s for s in self._slots if s is not slot]
+        starting = sum(1 for s in others if s.starting)
+        if not any(s.starting or s.busy or s.proc is not None for s in others):
+            if self._warm_wanted:  # asked for before the job came: start ahead, then take it
+                self._warm_wanted = False
+                return _START
+            if self._queue:
+                return _RUN  # nobody else can run it: take it, and start the worker for it
+            return None
+        if len(self._queue) > starting and not slot.start_failed:
+            return _START  # every started worker is busy: start one, leave the job queued
+        return None
 
     def finish(self, job: StripJob, outcome: Outcome) -> None:
         with self._lock:
@@ -206,39 +275,32 @@ class WorkerPool:
         with self._lock:
             return self._in_flight
 
-    def note_warm_idle(self, delta: int) -> None:
-        with self.cv:
-            self.warm_idle += delta
-            self.cv.notify_all()
-
     def prewarm(self) -> None:
         """Have one worker process started (and torch imported) before the next job arrives."""
-        if self.warm_requested.is_set() or any(
-                s.proc is not None and s.proc.is_alive() for s in self._slots):
-            return
-        self.warm_requested.set()
-        self.jobs.put(_WARM)
+        with self.cv:
+            if self._warm_wanted or any(s.starting or s.busy or
+                                        (s.proc is not None and s.proc.is_alive())
+                                        for s in self._slots):
+                return
+            self._warm_wanted = True
+            self.cv.notify_all()
 
     def queue_depth(self) -> int:
-        return self.jobs.qsize()
+        with self.cv:
+            return len(self._queue)
 
     def alive(self) -> bool:
         return all(s.thread.is_alive() for s in self._slots)
 
     def shutdown(self, drain_timeout: float) -> list[StripJob]:
         """Let running jobs finish for up to `drain_timeout`, then kill them; returns unstarted jobs."""
-        unstarted: list[StripJob] = []
-        while True:
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None and job is not _WARM:
-                unstarted.append(job)
-                with self._lock:
-                    self._in_flight -= 1
-        for _ in self._slots:
-            self.jobs.put(None)
+        with self.cv:
+            unstarted = list(self._queue)
+            self._queue.clear()
+            self._closing = True
+            self.cv.notify_all()
+        with self._lock:
+            self._in_flight -= len(unstarted)
         deadline = time.monotonic() + drain_timeout
         for s in self._slots:
             s.thread.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -163,10 +163,15 @@ def test_once_strips_quiet_runs_and_exits_0(
 @pytest.mark.parametrize("drain", [30.0, 0.2], ids=["drained", "cancelled"])
 def test_sigterm_with_a_strip_in_flight_exits_0_and_leaves_no_temp(
         root: Path, templates: Templates, daemons: Daemons, drain: float) -> None:
-    """SIGTERM mid-strip: exit 0 within the drain timeout, daemon.stopped, no temp, files whole."""
+    """SIGTERM mid-strip: exit 0 within the drain timeout, daemon.stopped, no temp, files whole.
+
+    A job still queued at SIGTERM is not in flight: it is handed back (the next start strips it).
+    """
     weights = make_run(root, "train/exp", templates.medium[0])
     d = daemons(root, "--drain-timeout", f"{drain:g}", settle=2)
     d.wait_events("run.finished", 1, timeout=30)  # both jobs are now with the pool
+    wait_until(lambda: temp_files(root) or d.events("ckpt.stripped"), 60,
+               "a strip to be in flight (its temp file) or done", interval=0.002)
     assert d.terminate(timeout=drain + 20) == 0, d.stderr_tail()
     assert len(d.events("daemon.stopped")) == 1
     assert temp_files(root) == []
@@ -178,9 +183,8 @@ def test_sigterm_with_a_strip_in_flight_exits_0_and_leaves_no_temp(
         else:
             assert is_valid_stripped(path)
             assert outcomes[str(path)]["event"] == "ckpt.stripped"
-    if drain == 30.0:  # in-flight strips are allowed to finish
-        assert [outcomes[str(weights / n)]["event"] for n in ("last.pt", "best.pt")] == [
-            "ckpt.stripped", "ckpt.stripped"]
+    if drain == 30.0:  # in-flight strips are allowed to finish: none is cancelled
+        assert d.events("ckpt.stripped") and not d.events("ckpt.failed")
 
 
 def test_dry_run_audits_would_strip_and_changes_nothing(

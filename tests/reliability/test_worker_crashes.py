@@ -21,6 +21,7 @@ import random
 import shutil
 import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -382,3 +383,78 @@ def test_an_interpreter_that_cannot_be_executed_is_reported_as_a_failed_start(
     assert path.read_bytes() == before and h.pool.alive()
     h.pool.submit(StripJob(path=str(path)))
     assert h.outcomes(1, timeout=120)[str(path)].status == STRIPPED
+
+
+# ------------------------------------------------------------------------------ dispatch
+
+
+class _HeldStarts:
+    """A multiprocessing context whose second and later Process() calls wait for `release`."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.processes = 0
+        self.holding = threading.Event()  # a start is being held
+        self.release = threading.Event()
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:  # the context's API spells it so
+        self.processes += 1
+        if self.processes > 1:
+            self.holding.set()
+            self.release.wait(120)
+        return self._real.Process(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+@pytest.mark.timeout(200)
+def test_a_queued_job_goes_to_the_worker_free_first_not_to_a_start(
+        ckpts: Path, tmp_path: Path, pools: Callable[..., PoolHarness]) -> None:
+    """Two jobs at once and one started worker: both run on it; neither waits for a second start.
+
+    (A run's last.pt and best.pt arrive together: a start costs a second, a strip milliseconds.)
+    """
+    h = pools(size=2, job_timeout=120, start_method="forkserver")
+    ctx = _HeldStarts(h.pool.ctx)
+    h.pool.ctx = ctx
+    try:
+        first = new_file(tmp_path, 0, ckpts / "yolov5.pt")
+        h.pool.submit(StripJob(path=str(first)))
+        assert h.outcomes(1, timeout=120)[str(first)].status == STRIPPED
+        pair = [new_file(tmp_path, i, ckpts / "yolov5.pt") for i in (1, 2)]
+        for p in pair:
+            h.pool.submit(StripJob(path=str(p)))
+        # every later start is held: the pair can only end if the started worker ran both
+        assert {o.status for o in h.outcomes(2, timeout=120).values()} == {STRIPPED}
+        assert all(is_valid_stripped(p) for p in pair)
+    finally:
+        ctx.release.set()
+
+
+@pytest.mark.timeout(200)
+def test_with_every_worker_busy_a_free_slot_starts_one_and_the_job_waits_queued(
+        ckpts: Path, tmp_path: Path, pools: Callable[..., PoolHarness]) -> None:
+    """A job queued while all started workers are busy makes a free slot start a worker ahead.
+
+    The job stays queued during that start (a worker freed meanwhile would take it), then the new
+    worker strips it while the first is still busy; a start ahead charges no job.
+    """
+    h = pools(size=2, job_timeout=600, start_method="forkserver")
+    ctx = _HeldStarts(h.pool.ctx)
+    h.pool.ctx = ctx
+    try:
+        hung = tmp_path / "hung" / "last.pt"
+        busy_checkpoint(ckpts / "yolov5.pt", hung)  # its load burns CPU for a minute or more
+        hung_job = StripJob(path=str(hung))
+        h.pool.submit(hung_job)
+        h.picked_up(hung_job)
+        path = new_file(tmp_path, 0, ckpts / "yolov5.pt")
+        h.pool.submit(StripJob(path=str(path)))
+        assert ctx.holding.wait(60), "no slot started a worker for the queued job"
+        assert h.pool.queue_depth() == 1, "the starting slot took the job before its worker was up"
+        ctx.release.set()
+        assert h.outcomes(1, timeout=120)[str(path)].status == STRIPPED
+        assert str(hung) not in h.ended and is_valid_stripped(path)
+    finally:
+        ctx.release.set()
