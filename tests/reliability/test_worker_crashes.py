@@ -287,11 +287,21 @@ def test_job_timeout_kills_a_hung_worker_and_the_pool_goes_on(
 # ------------------------------------------------------------------------------ start-up failure
 
 
-class _FailingFirstProcess:
-    """A multiprocessing context whose first Process() fails like fork does at the process limit."""
+class _Context:
+    """A multiprocessing context that passes everything on to `real`; subclasses change Process."""
 
     def __init__(self, real: Any) -> None:
         self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class _FailingFirstProcess(_Context):
+    """A multiprocessing context whose first Process() fails like fork does at the process limit."""
+
+    def __init__(self, real: Any) -> None:
+        super().__init__(real)
         self.failures = 0
 
     def Process(self, *args: Any, **kwargs: Any) -> Any:  # the context's API spells it so
@@ -299,9 +309,6 @@ class _FailingFirstProcess:
             self.failures += 1
             raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
         return self._real.Process(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
 
 
 @pytest.mark.timeout(200)
@@ -318,11 +325,11 @@ def test_a_worker_that_cannot_be_started_for_prewarm_does_not_strand_jobs(
     assert ctx.failures == 1 and h.pool.alive()
 
 
-class _FailingStart:
+class _FailingStart(_Context):
     """A multiprocessing context whose first process fails in start() with a non-OS error."""
 
     def __init__(self, real: Any) -> None:
-        self._real = real
+        super().__init__(real)
         self.failures = 0
 
     def Process(self, *args: Any, **kwargs: Any) -> Any:  # the context's API spells it so
@@ -335,9 +342,6 @@ class _FailingStart:
 
             proc.start = start
         return proc
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
 
 
 @pytest.mark.timeout(200)
@@ -388,11 +392,11 @@ def test_an_interpreter_that_cannot_be_executed_is_reported_as_a_failed_start(
 # ------------------------------------------------------------------------------ dispatch
 
 
-class _HeldStarts:
+class _HeldStarts(_Context):
     """A multiprocessing context whose second and later Process() calls wait for `release`."""
 
     def __init__(self, real: Any) -> None:
-        self._real = real
+        super().__init__(real)
         self.processes = 0
         self.holding = threading.Event()  # a start is being held
         self.release = threading.Event()
@@ -403,9 +407,6 @@ class _HeldStarts:
             self.holding.set()
             self.release.wait(120)
         return self._real.Process(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
 
 
 @pytest.mark.timeout(200)
