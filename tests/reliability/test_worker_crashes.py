@@ -459,3 +459,23 @@ def test_with_every_worker_busy_a_free_slot_starts_one_and_the_job_waits_queued(
         assert str(hung) not in h.ended and is_valid_stripped(path)
     finally:
         ctx.release.set()
+
+
+@pytest.mark.timeout(200)
+def test_an_idle_worker_is_retired_and_the_next_job_starts_another(
+        ckpts: Path, tmp_path: Path, pools: Callable[..., PoolHarness]) -> None:
+    """Torch's memory is held only while there is work: a worker idle for idle_exit exits."""
+    h = pools(size=2, job_timeout=120, start_method="forkserver")
+    h.pool.idle_exit = 0.5
+    first = new_file(tmp_path, 0, ckpts / "yolov5.pt")
+    h.pool.submit(StripJob(path=str(first)))
+    assert h.outcomes(1, timeout=120)[str(first)].status == STRIPPED
+    procs = [s.proc for s in h.pool._slots if s.proc is not None]
+    deadline = time.monotonic() + 60
+    assert procs, "no worker ran the job"
+    while any(s.proc is not None for s in h.pool._slots) or any(p.is_alive() for p in procs):
+        assert time.monotonic() < deadline, "an idle worker was never retired"
+        time.sleep(0.05)  # the poll period of this loop
+    second = new_file(tmp_path, 1, ckpts / "yolov5.pt")
+    h.pool.submit(StripJob(path=str(second)))
+    assert h.outcomes(1, timeout=120)[str(second)].status == STRIPPED
