@@ -253,7 +253,6 @@ class WorkerPool:
         if self.warm_idle:  # a started worker sits idle: the next job is its
             return None
         others = [s for s in self._slots if s is not slot]
-        starting = sum(1 for s in others if s.starting)
         if not any(s.starting or s.busy or s.proc is not None for s in others):
             if self._warm_wanted:  # asked for before the job came: start ahead, then take it
                 self._warm_wanted = False
@@ -261,6 +260,7 @@ class WorkerPool:
             if self._queue:
                 return _RUN  # nobody else can run it: take it, and start the worker for it
             return None
+        starting = sum(1 for s in others if s.starting)
         if len(self._queue) > starting and not slot.start_failed:
             return _START  # every started worker is busy: start one, leave the job queued
         return None

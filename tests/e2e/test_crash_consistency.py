@@ -128,7 +128,6 @@ def _kill_daemon_repeatedly(root: Path, templates: Templates, daemons: Daemons, 
         r = runs[str(w.parent)]
         assert r["state"] == "stripped", r
         assert {c["status"] for c in r["checkpoints"]} <= {"stripped", "skipped"}, r
-    assert len(ledger.original) >= strips  # and every one of them is stripped now (above)
     print(f"{kill} kills, {kills_with_temp} with a temp file on disk, {batches} batches, "
           f"{len(ledger.original)} checkpoints, {len(stripped)} ckpt.stripped lines")
 
