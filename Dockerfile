@@ -52,7 +52,7 @@ EXPOSE 9308
 # Fails when the daemon is wedged: /healthz answers 503 unless the observer and the worker pool
 # are alive and the last reconcile scan is recent. A long first scan is covered by start-period.
 HEALTHCHECK --interval=60s --timeout=10s --start-period=10m --retries=3 \
-    CMD ["python", "-m", "ckpt_watchd.metrics", "probe"]
+    CMD ["python", "-m", "ckpt_watchd.ops.metrics", "probe"]
 
 # Exec form: the daemon is PID 1 and gets docker's SIGTERM itself, then drains and exits 0.
 ENTRYPOINT ["ckpt-watchd"]

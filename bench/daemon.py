@@ -108,7 +108,7 @@ service.Service.__init__ = init2
     "fast-handler": """
 import os
 from pathlib import Path
-from ckpt_watchd import paths, watcher
+from ckpt_watchd.watch import paths, watcher
 _on_event = watcher.Watcher.on_event
 def on_event(self, event):
     head, _, name = os.fsdecode(event.src_path).rpartition("/")
@@ -124,11 +124,12 @@ def on_event(self, event):
 watcher.Watcher.on_event = on_event
 """,
     "no-writers": """
-from ckpt_watchd import writers
+from ckpt_watchd.watch import writers
 writers.WriterWatch.open = classmethod(lambda cls: (None, "off: bench --what-if no-writers"))
 """,
     "done-first": """
-from ckpt_watchd import service, watcher
+from ckpt_watchd import service
+from ckpt_watchd.watch import watcher
 _init = service.Service.__init__
 def init(self, *a, **k):
     _init(self, *a, **k)
@@ -362,7 +363,7 @@ def idle_tree(work: Path, n: int) -> tuple[Path, Path]:
     """ROOT with n finished, already stripped runs, and a state store that knows them, as a daemon
     that has run before leaves it (what `--once` would record, without n worker loads)."""
     from ckpt_watchd.outcome import SKIPPED, Outcome
-    from ckpt_watchd.state import StateStore
+    from ckpt_watchd.records.state import StateStore
 
     root, db = work / f"idle{n}", work / f"idle{n}.sqlite3"
     if db.exists():

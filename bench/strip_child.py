@@ -75,7 +75,7 @@ def baseline_strip(f: str) -> None:
 
 
 def cw_strip(f: str) -> None:
-    from ckpt_watchd.checkpoint import strip_file
+    from ckpt_watchd.engine.checkpoint import strip_file
 
     outcome = strip_file(Path(f))
     if outcome.status != "stripped":

@@ -1,7 +1,7 @@
 """Where a strip's time goes: ckpt-watchd's phases next to the baseline's, per checkpoint size.
 
 A diagnostic companion to `bench/strip.py` (same inputs, same baseline): it replays the steps of
-`ckpt_watchd.checkpoint.strip_file` one by one with a clock between them. It reaches into the engine's
+`ckpt_watchd.engine.checkpoint.strip_file` one by one with a clock between them. It reaches into the engine's
 internals to do so and must stay read-only towards them. `python bench/strip_phases.py --sizes m`.
 """
 
@@ -39,7 +39,7 @@ def _copy(src: str, dst: str) -> None:
 
 
 def cw_phases(path: Path) -> list[float]:
-    from ckpt_watchd import atomic, checkpoint, safeload, strip
+    from ckpt_watchd.engine import atomic, checkpoint, safeload, strip
 
     marks = [time.perf_counter()]
     with checkpoint._gc_paused():

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from ckpt_watchd import cli
-from ckpt_watchd.archive import Archiver, read_manifest, restore
 from ckpt_watchd.errors import SourceChanged, WriteFailed
+from ckpt_watchd.records.archive import Archiver, read_manifest, restore
 
 ORIGINAL = b"original checkpoint with optimizer state " * 1000
 STRIPPED = b"stripped" * 100

@@ -13,9 +13,9 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from ckpt_watchd import audit
 from ckpt_watchd.errors import StartupError
 from ckpt_watchd.outcome import FAILED, SKIPPED, STRIPPED, WOULD_STRIP, Outcome
+from ckpt_watchd.records import audit
 
 UTC = datetime.timezone.utc
 

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import torch
 
-from ckpt_watchd import atomic, safeload, zipwrite
-from ckpt_watchd import checkpoint as engine
+from ckpt_watchd.engine import atomic, safeload, zipwrite
+from ckpt_watchd.engine import checkpoint as engine
 from fixtures import payloads
 from fixtures.harness import FileState, run_cli, run_cli_as_plain_user, temp_files
 

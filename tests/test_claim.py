@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from ckpt_watchd import claim as claim_mod
-from ckpt_watchd.claim import Claim, claim_path, try_claim
+from ckpt_watchd.records import claim as claim_mod
+from ckpt_watchd.records.claim import Claim, claim_path, try_claim
 from fixtures.daemon_io import read_audit
 
 HOUR = 3600.0
@@ -117,7 +117,7 @@ def test_a_crashed_takeover_does_not_block_the_path_forever(tmp_path: Path) -> N
 _KILLED_MID_RELEASE = """
 import os, signal, sys
 from pathlib import Path
-from ckpt_watchd import claim
+from ckpt_watchd.records import claim
 c = claim.try_claim(Path(sys.argv[1]), host="gpu-1", pid=os.getpid(), now=1000.0, stale_after=3600.0)
 os.unlink = lambda path: os.kill(os.getpid(), signal.SIGKILL)  # dies between rename and unlink
 c.release()

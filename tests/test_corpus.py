@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ckpt_watchd import safeload
+from ckpt_watchd.engine import safeload
 from ckpt_watchd.worker import StripJob, inspect_boundary, run_job
 from fixtures import summary
 from fixtures.harness import FileState, temp_files

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from ckpt_watchd.cli import build_settings
-from ckpt_watchd.metrics import Metrics, serve
+from ckpt_watchd.ops.metrics import Metrics, serve
 from ckpt_watchd.settings import OPTION_BY_NAME, OPTIONS, Settings
 from fixtures.daemon_io import read_audit
 
@@ -528,7 +528,7 @@ _UNPRIVILEGED_PROBE = """
 import importlib, multiprocessing, sys
 import ckpt_watchd
 worker = multiprocessing.get_context("spawn").Process(target=importlib.import_module,
-                                                       args=("ckpt_watchd.checkpoint",))
+                                                       args=("ckpt_watchd.engine.checkpoint",))
 worker.start()
 worker.join(100)
 sys.exit(worker.exitcode)
@@ -600,7 +600,7 @@ def test_image_command_as_non_root_strips_a_finished_run_and_stops_within_docker
             assert time.monotonic() < deadline, stderr_path.read_text()[-3000:]
             time.sleep(0.1)  # the poll period of this wait, not a synchronisation guess
         health = subprocess.run(
-            [sys.executable, "-m", "ckpt_watchd.metrics", "probe"], env=env,
+            [sys.executable, "-m", "ckpt_watchd.ops.metrics", "probe"], env=env,
             capture_output=True, text=True, timeout=60)
         assert health.returncode == 0, health.stderr
         proc.send_signal(signal.SIGTERM)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_watchd.hooks import hook_argv, hook_env, run_hook
+from ckpt_watchd.ops.hooks import hook_argv, hook_env, run_hook
 
 PY = shlex.quote(sys.executable)
 FILES = [("/runs/exp/weights/last.pt", 1000, 300), ("/runs/exp/weights/best.pt", 900, 250)]

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ckpt_watchd import metrics as metrics_mod
 from ckpt_watchd.errors import StartupError
-from ckpt_watchd.metrics import Metrics, MetricsServer, parse_addr, probe, serve
+from ckpt_watchd.ops import metrics as metrics_mod
+from ckpt_watchd.ops.metrics import Metrics, MetricsServer, parse_addr, probe, serve
 from ckpt_watchd.outcome import FAILED, SKIPPED, STRIPPED, WOULD_STRIP, Outcome
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from ckpt_watchd.notify import Notifier
+from ckpt_watchd.ops.notify import Notifier
 from fixtures.daemon_io import read_audit
 
 

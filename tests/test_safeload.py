@@ -1,6 +1,6 @@
 """Unit tests of the safe loader: the global policy, stand-ins and their round trip, fuzzed input.
 
-Pure tests of `ckpt_watchd.safeload`: tables for `resolve_global`, hand-made pickles for the ways a
+Pure tests of `ckpt_watchd.engine.safeload`: tables for `resolve_global`, hand-made pickles for the ways a
 pickle builds objects (REDUCE, NEWOBJ, APPENDS), a round trip through `torch.save` with the
 stand-in pickler, and a hypothesis test that damaged checkpoints only raise `CheckpointError`s.
 """
@@ -25,7 +25,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckpt_watchd import safeload
+from ckpt_watchd.engine import safeload
 from ckpt_watchd.errors import CheckpointError, UnsafePickle
 from fixtures import summary
 

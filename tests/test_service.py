@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from ckpt_watchd.audit import Auditor
 from ckpt_watchd.outcome import FAILED, SKIPPED, STRIPPED, Outcome
+from ckpt_watchd.records.audit import Auditor
+from ckpt_watchd.records.state import StateStore
 from ckpt_watchd.service import Service
 from ckpt_watchd.settings import Settings
-from ckpt_watchd.state import StateStore
-from ckpt_watchd.watcher import Probe
+from ckpt_watchd.watch.watcher import Probe
 from ckpt_watchd.worker import StripJob
 
 
@@ -479,11 +479,11 @@ def test_run_left_finished_by_a_kill_is_marked_stripped_on_restart(world: World,
 
 
 # the modules that import torch at top level: only worker processes and one-shot commands load them
-TORCH_SIDE = ("torch", "ckpt_watchd.safeload", "ckpt_watchd.strip", "ckpt_watchd.checkpoint",
-              "ckpt_watchd.zipwrite")
-MAIN_PROCESS = ("cli", "service", "pool", "worker", "watcher", "tracker", "state", "audit",
-                "notify", "metrics", "hooks", "claim", "status", "archive", "settings", "paths",
-                "writers")
+TORCH_SIDE = ("torch", "ckpt_watchd.engine.safeload", "ckpt_watchd.engine.strip",
+              "ckpt_watchd.engine.checkpoint", "ckpt_watchd.engine.zipwrite")
+MAIN_PROCESS = ("cli", "service", "pool", "worker", "watch.watcher", "watch.tracker", "records.state",
+                "records.audit", "ops.notify", "ops.metrics", "ops.hooks", "records.claim", "ops.status",
+                "records.archive", "settings", "watch.paths", "watch.writers", "engine.atomic")
 
 
 def test_the_daemons_main_process_modules_never_import_torch() -> None:

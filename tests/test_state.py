@@ -13,9 +13,9 @@ import pytest
 
 from ckpt_watchd import cli
 from ckpt_watchd.errors import StartupError
+from ckpt_watchd.ops.status import print_status
 from ckpt_watchd.outcome import FAILED, SKIPPED, STRIPPED, WOULD_STRIP, Outcome
-from ckpt_watchd.state import GIVEN_UP, SCHEMA_VERSION, StateStore
-from ckpt_watchd.status import print_status
+from ckpt_watchd.records.state import GIVEN_UP, SCHEMA_VERSION, StateStore
 
 RUN = "/runs/train/exp"
 LAST = "/runs/train/exp/weights/last.pt"
@@ -70,7 +70,7 @@ def test_writes_survive_kill_9(db: Path) -> None:
     code = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from ckpt_watchd.state import StateStore\n"
+        "from ckpt_watchd.records.state import StateStore\n"
         "from ckpt_watchd.outcome import Outcome\n"
         "s = StateStore.open(Path(sys.argv[1]))\n"
         f"s.upsert_run({RUN!r}, state='stripped', now=5.0)\n"

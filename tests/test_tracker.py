@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckpt_watchd.tracker import DONE, HANDED, SETTLING, WATCHING, Observation, Tracker
+from ckpt_watchd.watch.tracker import DONE, HANDED, SETTLING, WATCHING, Observation, Tracker
 
 NS = 1_000_000_000
 

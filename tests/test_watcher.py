@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_watchd import paths, watcher
+from ckpt_watchd.watch import paths, watcher
 
 PATTERNS = ("train/*/weights", "*/*/weights")
 

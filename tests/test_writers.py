@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_watchd import writers
-from ckpt_watchd.writers import Writers, WriterWatch, parse, process_start
+from ckpt_watchd.watch import writers
+from ckpt_watchd.watch.writers import Writers, WriterWatch, parse, process_start
 from fixtures.daemon_io import wait_until
 
 

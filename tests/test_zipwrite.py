@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import torch
 
-from ckpt_watchd import atomic, safeload, strip, zipwrite
-from ckpt_watchd import checkpoint as engine
+from ckpt_watchd.engine import atomic, safeload, strip, zipwrite
+from ckpt_watchd.engine import checkpoint as engine
 from ckpt_watchd.errors import SourceChanged, VerifyFailed
 
 NOW = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)

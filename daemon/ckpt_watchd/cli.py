@@ -273,7 +273,7 @@ def _cmd_status(argv: list[str]) -> int:
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR")
     p.add_argument("--json", action="store_true")
     ns = p.parse_args(argv)
-    from ckpt_watchd.status import print_status
+    from ckpt_watchd.ops.status import print_status
 
     return print_status(ns.root, ns.state_dir, as_json=ns.json)
 
@@ -284,6 +284,6 @@ def _cmd_restore(argv: list[str]) -> int:
     p.add_argument("path", type=Path, metavar="PATH", help="the stripped checkpoint")
     p.add_argument("--archive-dir", type=Path, required=True, metavar="DIR")
     ns = p.parse_args(argv)
-    from ckpt_watchd.archive import restore
+    from ckpt_watchd.records.archive import restore
 
     return restore(ns.path, ns.archive_dir)

@@ -26,7 +26,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from ckpt_watchd import atomic
+from ckpt_watchd.engine import atomic
 from ckpt_watchd.outcome import FAILED, Outcome
 from ckpt_watchd.worker import WORKER_READY, StripJob, worker_main
 

@@ -22,14 +22,16 @@ from typing import Any, Protocol
 
 import structlog
 
-from ckpt_watchd import atomic, audit, paths, watcher
+from ckpt_watchd.engine import atomic
 from ckpt_watchd.errors import StartupError
 from ckpt_watchd.outcome import FAILED, STRIPPED, WOULD_STRIP, Outcome
+from ckpt_watchd.records import audit
+from ckpt_watchd.records.state import GIVEN_UP, StateStore
 from ckpt_watchd.settings import Settings
-from ckpt_watchd.state import GIVEN_UP, StateStore
-from ckpt_watchd.tracker import DONE, SETTLING, Tracker
+from ckpt_watchd.watch import paths, watcher
+from ckpt_watchd.watch.tracker import DONE, SETTLING, Tracker
+from ckpt_watchd.watch.writers import WriterWatch
 from ckpt_watchd.worker import StripJob
-from ckpt_watchd.writers import WriterWatch
 
 log = structlog.get_logger("ckpt_watchd.service")
 
@@ -436,7 +438,7 @@ class Service:
             self._run_hook(run, stripped)
 
     def _run_hook(self, run: str, stripped: list[Outcome]) -> None:
-        from ckpt_watchd import hooks
+        from ckpt_watchd.ops import hooks
 
         files = [(o.path, o.bytes_before or 0, o.bytes_after or 0) for o in stripped]
         cmd = self.s.on_stripped
@@ -555,8 +557,8 @@ class Service:
         """
         if self.claimer is None:
             return
-        from ckpt_watchd import claim as claims
-        from ckpt_watchd.claim import CLAIM_PREFIX
+        from ckpt_watchd.records import claim as claims
+        from ckpt_watchd.records.claim import CLAIM_PREFIX
 
         for debris in claims.sweep(wdir, host=socket.gethostname(), now=wall,
                                    stale_after=self.s.claim_timeout):
@@ -628,7 +630,7 @@ class _NoClaim:
 
 
 def _default_claimer(settings: Settings) -> Callable[[Path, float], Any]:
-    from ckpt_watchd import claim
+    from ckpt_watchd.records import claim
 
     host, pid = socket.gethostname(), os.getpid()
 
@@ -646,7 +648,7 @@ def _default_claimer(settings: Settings) -> Callable[[Path, float], Any]:
 
 def run_daemon(settings: Settings) -> int:
     """Build the real service around a settings object and run it in the foreground."""
-    from ckpt_watchd.notify import Notifier
+    from ckpt_watchd.ops.notify import Notifier
     from ckpt_watchd.pool import WorkerPool
 
     audit.configure_logging(settings.log_format, settings.log_level)
@@ -658,7 +660,7 @@ def run_daemon(settings: Settings) -> int:
     auditor = audit.Auditor.open(settings.audit_log)
     metrics = server = None
     if settings.metrics_addr:
-        from ckpt_watchd import metrics as metrics_mod
+        from ckpt_watchd.ops import metrics as metrics_mod
 
         metrics = metrics_mod.Metrics()
     notifier = Notifier.from_env()
@@ -678,7 +680,7 @@ def run_daemon(settings: Settings) -> int:
                   claimer=_default_claimer(settings), notifier=notifier, metrics=metrics,
                   writers=writers, writers_how=writers_how)
     if metrics is not None and settings.metrics_addr:
-        from ckpt_watchd import metrics as metrics_mod
+        from ckpt_watchd.ops import metrics as metrics_mod
 
         server = metrics_mod.serve(settings.metrics_addr, metrics, svc.healthy)
     signal.signal(signal.SIGTERM, svc.request_stop)

@@ -41,11 +41,11 @@ def run_job(job: StripJob) -> Outcome:
     """Strip one file; never raises for a problem with the file."""
     started = time.monotonic()
     try:
-        from ckpt_watchd import checkpoint
+        from ckpt_watchd.engine import checkpoint
 
         before_replace = None
         if job.archive_dir is not None:
-            from ckpt_watchd.archive import Archiver
+            from ckpt_watchd.records.archive import Archiver
 
             before_replace = Archiver(Path(job.archive_dir), Path(job.root) if job.root else None
                                       ).keep
@@ -108,7 +108,7 @@ def _failed(job: StripJob, kind: str, message: str, started: float) -> Outcome:
 def inspect_boundary(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """`inspect` for one file: (report, None) or (None, one-line error)."""
     try:
-        from ckpt_watchd import checkpoint
+        from ckpt_watchd.engine import checkpoint
 
         with memory_cap(path):
             return checkpoint.inspect_file(path), None
@@ -157,7 +157,7 @@ def worker_main(conn: Connection, nice: int, io_idle: bool, parent_pid: int | No
     # strip itself does not wait seconds for torch
     import torch
 
-    from ckpt_watchd import checkpoint  # noqa: F401
+    from ckpt_watchd.engine import checkpoint  # noqa: F401
 
     # one thread: a strip is I/O and pickling, and must not compete with training for every core
     torch.set_num_threads(1)

@@ -87,7 +87,7 @@ def make_run(root: Path, rel: str, template: Template, *, files: Sequence[str] =
 
 def is_valid_stripped(path: Path) -> bool:
     """Loads through the daemon's safe loader and is what a strip makes: epoch -1, no optimizer."""
-    from ckpt_watchd import safeload  # torch: fine in the test process, never in the daemon's
+    from ckpt_watchd.engine import safeload  # torch: fine in the test process, never in the daemon's
     from ckpt_watchd.errors import CheckpointError
 
     try:

@@ -69,7 +69,7 @@ def snapshot(paths: Sequence[Path]) -> dict[Path, bytes]:
 
 def stripped_facts(path: Path) -> dict[str, Any] | None:
     """(epoch, optimizer, ema) of a file that loads through the safe loader; None if it does not."""
-    from ckpt_watchd import safeload  # torch: fine in the test process, never in the daemon's
+    from ckpt_watchd.engine import safeload  # torch: fine in the test process, never in the daemon's
     from ckpt_watchd.errors import CheckpointError
 
     try:

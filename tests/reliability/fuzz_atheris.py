@@ -28,7 +28,7 @@ import atheris
 import torch  # noqa: F401  (imported before instrumenting: instrumenting torch takes minutes)
 
 with atheris.instrument_imports(include=["ckpt_watchd"]):
-    from ckpt_watchd import safeload
+    from ckpt_watchd.engine import safeload
     from ckpt_watchd.errors import CheckpointError
     from ckpt_watchd.worker import memory_cap
 

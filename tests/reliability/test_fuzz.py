@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ckpt_watchd import safeload
+from ckpt_watchd.engine import safeload
 from ckpt_watchd.errors import CheckpointError
 from ckpt_watchd.worker import memory_cap
 from reliability.conftest import CORPUS

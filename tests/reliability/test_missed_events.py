@@ -22,12 +22,12 @@ from typing import Any
 
 import pytest
 
-from ckpt_watchd import watcher
-from ckpt_watchd.audit import Auditor
 from ckpt_watchd.outcome import Outcome
+from ckpt_watchd.records.audit import Auditor
+from ckpt_watchd.records.state import StateStore
 from ckpt_watchd.service import Service
 from ckpt_watchd.settings import Settings
-from ckpt_watchd.state import StateStore
+from ckpt_watchd.watch import watcher
 from ckpt_watchd.worker import StripJob, run_job
 from reliability.conftest import Daemon, is_valid_stripped, set_age, temp_files
 

@@ -47,7 +47,7 @@ class PoolHarness:
         if start_method == "forkserver":
             # workers fork from a server that imported torch (and never ran it): respawns are cheap
             multiprocessing.get_context("forkserver").set_forkserver_preload(
-                ["ckpt_watchd.checkpoint"])
+                ["ckpt_watchd.engine.checkpoint"])
         self.done: queue.Queue[tuple[StripJob, Outcome]] = queue.Queue()
         self.ended: set[str] = set()  # paths whose job has ended (written on the slot threads)
         self.pool = WorkerPool(size, job_timeout=job_timeout, nice=0, io_idle=False,

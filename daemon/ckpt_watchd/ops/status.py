@@ -16,8 +16,8 @@ from typing import Any
 
 from ckpt_watchd.errors import StartupError
 from ckpt_watchd.outcome import STRIPPED
+from ckpt_watchd.records.state import GIVEN_UP, CkptRow, RunRow, StateStore
 from ckpt_watchd.settings import Settings
-from ckpt_watchd.state import GIVEN_UP, CkptRow, RunRow, StateStore
 
 
 def print_status(root: Path, state_dir: Path | None, as_json: bool, *,

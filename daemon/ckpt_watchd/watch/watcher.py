@@ -20,11 +20,11 @@ from typing import Any
 
 import structlog
 
-from ckpt_watchd import paths
-from ckpt_watchd.atomic import TEMP_PREFIX
-from ckpt_watchd.tracker import Observation
+from ckpt_watchd.engine.atomic import TEMP_PREFIX
+from ckpt_watchd.watch import paths
+from ckpt_watchd.watch.tracker import Observation
 
-log = structlog.get_logger("ckpt_watchd.watcher")
+log = structlog.get_logger("ckpt_watchd.watch.watcher")
 
 _START_FILES = ("args.yaml", "opt.yaml", "hyp.yaml")
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ckpt_watchd import zipwrite
+from ckpt_watchd.engine import zipwrite
 from ckpt_watchd.errors import (
     EmptyFile,
     NotACheckpoint,

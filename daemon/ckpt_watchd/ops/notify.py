@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import structlog
 
-log = structlog.get_logger("ckpt_watchd.notify")
+log = structlog.get_logger("ckpt_watchd.ops.notify")
 
 
 class Notifier:

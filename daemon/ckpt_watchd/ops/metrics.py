@@ -3,7 +3,7 @@
 It owns the metric names, the daemon's own CollectorRegistry and a small threaded HTTP server.
 It imports prometheus_client only when metrics are turned on (it is the optional `metrics` extra),
 never puts a path in a label, and decides nothing about health: the service passes `health()`.
-`python -m ckpt_watchd.metrics probe` is the container HEALTHCHECK (no curl in slim images).
+`python -m ckpt_watchd.ops.metrics probe` is the container HEALTHCHECK (no curl in slim images).
 """
 
 from __future__ import annotations
@@ -225,6 +225,6 @@ def probe(addr: str | None = None, timeout: float = 5.0) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["probe"]:
-        print("usage: python -m ckpt_watchd.metrics probe", file=sys.stderr)
+        print("usage: python -m ckpt_watchd.ops.metrics probe", file=sys.stderr)
         sys.exit(2)
     sys.exit(probe())

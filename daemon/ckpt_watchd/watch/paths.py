@@ -11,7 +11,7 @@ import fnmatch
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
-from ckpt_watchd.atomic import TEMP_PREFIX
+from ckpt_watchd.engine.atomic import TEMP_PREFIX
 
 KEEP_MARKER = ".ckpt-watchd-keep"
 

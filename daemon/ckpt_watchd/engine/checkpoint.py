@@ -23,7 +23,7 @@ from typing import IO, Any, cast
 
 import torch
 
-from ckpt_watchd import atomic, safeload, strip, zipwrite
+from ckpt_watchd.engine import atomic, safeload, strip, zipwrite
 from ckpt_watchd.errors import (
     CheckpointError,
     NotACheckpoint,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ckpt_watchd.atomic import TEMP_PREFIX
+from ckpt_watchd.engine.atomic import TEMP_PREFIX
 
 # <linux/fanotify.h>
 FAN_CLOSE_WRITE = 0x08

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from ckpt_watchd.engine.safeload import StandIn, class_name
 from ckpt_watchd.errors import UnrecognisedLayout
-from ckpt_watchd.safeload import StandIn, class_name
 
 YOLOV5 = "yolov5"
 ULTRALYTICS = "ultralytics"

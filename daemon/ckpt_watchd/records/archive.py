@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from ckpt_watchd import atomic
+from ckpt_watchd.engine import atomic
 from ckpt_watchd.errors import CheckpointError, SourceChanged, WriteFailed
 
 MANIFEST = "manifest.jsonl"
