@@ -33,9 +33,10 @@ class Metrics:
     def __init__(self) -> None:
         try:
             import prometheus_client as prom
-        except ImportError:
-            raise StartupError("--metrics-addr needs prometheus_client: "
-                               "pip install 'ckpt-watchd[metrics]'") from None
+        except ImportError as e:
+            raise StartupError(f"--metrics-addr: cannot import prometheus_client ({e}): this "
+                               "installation of ckpt-watchd is broken (prometheus_client is a "
+                               "dependency); reinstall ckpt-watchd with its dependencies") from None
         self._prom: Any = prom
         self.registry: Any = prom.CollectorRegistry(auto_describe=True)
         r = self.registry
