@@ -434,6 +434,7 @@ def test_kubernetes_pod_shares_a_volume_and_probes_healthz(tmp_path: Path) -> No
     settings = _image_command(side["args"], _k8s_env(side), tmp_path)
     assert settings.root == tmp_path
     _check_probes(side, settings)
+    _check_scrape_annotations(pod["metadata"], side, settings)
     assert pod["spec"]["terminationGracePeriodSeconds"] > settings.drain_timeout
 
 
@@ -448,9 +449,19 @@ def test_kubernetes_daemonset_watches_a_hostpath_with_probes(tmp_path: Path) -> 
     assert "hostPath" in volumes[runs_mount["name"]]
     settings = _image_command(side["args"], _k8s_env(side), tmp_path)
     _check_probes(side, settings)
-    annotations = ds["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/port"] == str(_port_of(settings.metrics_addr))
+    _check_scrape_annotations(ds["spec"]["template"]["metadata"], side, settings)
     assert spec["terminationGracePeriodSeconds"] > settings.drain_timeout
+
+
+def _check_scrape_annotations(metadata: dict[str, Any], container: dict[str, Any],
+                              settings: Settings) -> None:
+    """The pod's Prometheus annotations name the port the daemon listens on, a declared one."""
+    annotations = metadata["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"  # a string: annotations are strings
+    assert annotations["prometheus.io/path"] == "/metrics"
+    port = _port_of(settings.metrics_addr)
+    assert annotations["prometheus.io/port"] == str(port)
+    assert port in [p["containerPort"] for p in container["ports"]]
 
 
 def _check_probes(container: dict[str, Any], settings: Settings) -> None:
