@@ -26,7 +26,7 @@ from fixtures.harness import FileState, View, run_cli, temp_files
 
 PROFILES = {
     "yolov5": "yolov5", "yolov5_fp32": "yolov5", "yolov5_noema": "yolov5",
-    "yolov5_legacy": "yolov5", "ultralytics": "ultralytics", "ultralytics_fp32": "ultralytics",
+    "ultralytics": "ultralytics", "ultralytics_fp32": "ultralytics",
     "ultralytics_nometa": "ultralytics",
 }
 HEAD_ATTRS = {"yolov5": ("stride", "grid", "anchor_grid"),

@@ -16,6 +16,10 @@ class StartupError(CkptWatchdError):
     """A bad option, a missing root, an unwritable state dir: the daemon cannot start (exit 2)."""
 
 
+# Failures that trying an unchanged file again cannot change: reported once, never retried.
+FINAL_KINDS = frozenset({"unsafe", "unsupported", "limit", "unrecognised", "not_a_file"})
+
+
 class CheckpointError(CkptWatchdError):
     """One file could not be inspected or stripped; the file is left as it was."""
 
@@ -55,13 +59,34 @@ class NotACheckpoint(CheckpointError):
 
 
 class UnsafePickle(CheckpointError):
-    """The pickle asks for a global that could run code; nothing from it was executed."""
+    """The pickle asks for a global (or a use of one) that could run code; nothing was executed."""
 
     kind = "unsafe"
 
-    def __init__(self, global_name: str) -> None:
-        super().__init__(f"refused unsafe global {global_name!r} in the pickle (nothing was executed)")
+    def __init__(self, global_name: str, *, role: str | None = None, why: str | None = None) -> None:
+        detail = f" ({role or why})" if (role or why) else ""
+        if global_name:
+            message = (f"refused unsafe global {global_name!r}{detail} in the pickle "
+                       "(nothing was executed)")
+        else:
+            message = f"refused unsafe pickle: {why or role} (nothing was executed)"
+        super().__init__(message)
         self.global_name = global_name
+
+
+class Unsupported(CheckpointError):
+    """A file we cannot strip safely (legacy format, exotic opcodes): reported once, never retried."""
+
+    kind = "unsupported"
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"unsupported: {what}; left untouched")
+
+
+class LimitExceeded(CheckpointError):
+    """The file needs more nesting, memory or CPU than a checkpoint of its size can: refused."""
+
+    kind = "limit"
 
 
 class UnrecognisedLayout(CheckpointError):

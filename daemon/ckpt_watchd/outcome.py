@@ -41,3 +41,15 @@ class Outcome:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return {k: v for k, v in d.items() if v is not None and k != "fingerprint"}
+
+    def to_wire(self) -> dict[str, Any]:
+        """Every field, as JSON-able data: how an isolated job process hands its outcome back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Outcome:
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in data.items() if k in names}
+        fp = fields.get("fingerprint")
+        fields["fingerprint"] = tuple(fp) if fp is not None else None
+        return cls(**fields)

@@ -2,9 +2,11 @@
 
 It owns the sequence temp file -> write (kept weights copied from the source, `zipwrite`) -> fsync
 (in a thread, overlapping the next step, and finished before anything else happens to the temp
-file) -> reload and compare -> source unchanged? -> os.replace -> directory fsync, and the
-`inspect` report. Failures are raised as `CheckpointError`s;
-the worker turns them into values. Imports torch: only worker processes and one-shot commands load it.
+file) -> read back, scan and compare -> source unchanged? -> os.replace -> directory fsync, and
+the `inspect` report. Nothing is renamed over the source until the output's own pickle has passed
+a scan of its own (its globals and their roles among the source's) and every record of it has
+been checked. Failures are raised as `CheckpointError`s; the worker turns them into values.
+Imports torch: only worker processes and one-shot commands load it.
 """
 
 from __future__ import annotations
@@ -14,16 +16,28 @@ import ctypes
 import datetime
 import gc
 import os
+import pickle
 import threading
 import time
-import zipfile
+import types
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, cast
 
 import torch
 
-from ckpt_watchd.engine import atomic, safeload, strip, zipwrite
+from ckpt_watchd.engine import (
+    atomic,
+    opscan,
+    policy,
+    safeload,
+    source,
+    standin,
+    strip,
+    zipread,
+    zipwrite,
+)
 from ckpt_watchd.errors import (
     CheckpointError,
     NotACheckpoint,
@@ -33,7 +47,14 @@ from ckpt_watchd.errors import (
 )
 from ckpt_watchd.outcome import SKIPPED, STRIPPED, WOULD_STRIP, Outcome
 
-BeforeReplace = Callable[[Path, safeload.FileFacts], None]
+BeforeReplace = Callable[[Path, source.FileFacts], None]
+Uses = frozenset[tuple[str, policy.Role]]
+
+# What writing a stripped checkpoint may name although the source did not: torch's own tensor
+# rebuild and state-dict container, and the storage type of a dtype the strip converted to.
+WRITER_VOCABULARY: Uses = frozenset(
+    {("torch._utils._rebuild_tensor_v2", policy.CALL), ("collections.OrderedDict", policy.CALL)}
+    | {(f"torch.{s}", policy.PERSID) for s in policy.STORAGE_TYPES})
 
 
 def strip_file(
@@ -45,11 +66,22 @@ def strip_file(
     hashes: bool = False,
     before_replace: BeforeReplace | None = None,
     now: datetime.datetime | None = None,
+    opened: source.Opened | None = None,
+    need: source.Need = source._no_cap,
 ) -> Outcome:
-    """Strip `path` in place (or into `output`). Returns stripped/skipped/would-strip, or raises."""
+    """Strip `path` in place (or into `output`). Returns stripped/skipped/would-strip, or raises.
+
+    `opened` is the file already opened and scanned by `source.open_checkpoint` (closed here);
+    `need` raises the job's memory cap step by step (see worker.memory_cap).
+    """
     with _gc_paused():
-        return _strip_file(path, output=output, dry_run=dry_run, half=half, hashes=hashes,
-                           before_replace=before_replace, now=now)
+        if opened is None:
+            opened = source.open_checkpoint(path, need=need)
+        try:
+            return _strip_file(path, output=output, dry_run=dry_run, half=half, hashes=hashes,
+                               before_replace=before_replace, now=now, opened=opened, need=need)
+        finally:
+            opened.close()
 
 
 _FROZEN: list[bool] = []
@@ -88,11 +120,13 @@ def _strip_file(
     hashes: bool,
     before_replace: BeforeReplace | None,
     now: datetime.datetime | None,
+    opened: source.Opened,
+    need: source.Need,
 ) -> Outcome:
     started = time.monotonic()
     path = Path(path)
     now = now or datetime.datetime.now(datetime.timezone.utc)
-    loaded = safeload.load(path)
+    loaded = safeload.load(path, opened=opened, need=need)
     facts = loaded.facts
     profile = strip.detect_profile(loaded.obj, loaded.globals_seen)
     common: dict[str, Any] = {"path": str(path), "profile": profile, "bytes_before": facts.size}
@@ -100,6 +134,8 @@ def _strip_file(
         return Outcome(status=SKIPPED, reason="already stripped", bytes_after=facts.size,
                        duration_s=time.monotonic() - started,
                        fingerprint=(facts.ino, facts.size, facts.mtime_ns), **common)
+    # converted weights and the new pickle: within the bytes the file really holds
+    need(facts.real_bytes + (64 << 20) + 4 * len(opened.pickle))
     stripped = strip.strip(loaded.obj, profile, now=now, half=half)
     if dry_run:
         return Outcome(status=WOULD_STRIP, bytes_after=estimate_size(stripped),
@@ -118,7 +154,7 @@ def _strip_file(
                 forgetting = atomic.forget_cached_pages(fd, facts.size, written.copied_from)
         syncing = atomic.BackgroundFsync(writer)
         try:
-            verify(stripped, tmp, written)
+            verify(stripped, tmp, written, allowed=loaded.scan.uses | WRITER_VOCABULARY)
         except VerifyFailed:
             # the source is mmapped: a trainer rewriting it also changes the tensors we compare
             # against, so a mismatch is first of all a sign that the source changed
@@ -139,6 +175,11 @@ def _strip_file(
                    fingerprint=(st.st_ino, st.st_size, st.st_mtime_ns), **common)
 
 
+def output_protocol(scan: opscan.Scan) -> int:
+    """The pickle protocol to write: the source's, or what its names need (never below 2)."""
+    return min(policy.HIGHEST, max(2, scan.proto, scan.needs))
+
+
 def _save(obj: Any, writer: atomic.RecordingWriter, source: Path,
           loaded: safeload.Loaded) -> zipwrite.Written | None:
     """Serialise `obj` into the temp file; returns the record layout when `zipwrite` wrote it.
@@ -147,18 +188,22 @@ def _save(obj: Any, writer: atomic.RecordingWriter, source: Path,
     `torch.save` is the fallback for files that need zip64 or a torch whose serialiser differs.
     """
     src_fd: int | None = None
+    protocol = output_protocol(loaded.scan)
     try:
-        with safeload.standins_importable() as fast:
-            module = safeload.FAST_SAVE_PICKLE if fast else safeload.SAVE_PICKLE
+        with standin.importable() as fast:
+            pickler: Any = pickle.Pickler if fast else standin.StandInPickler
             if not (zipwrite.available()
                     and zipwrite.fits(loaded.facts.size, len(loaded.sources) + 1)):
                 # a strip never grows a file: one that was a plain zip stays one
-                torch.save(obj, cast(IO[bytes], writer), pickle_module=module, pickle_protocol=2)
+                module = types.SimpleNamespace(Pickler=pickler, dump=pickle.dump,
+                                               dumps=pickle.dumps, __name__="ckpt_watchd.save")
+                torch.save(obj, cast(IO[bytes], writer), pickle_module=module,
+                           pickle_protocol=protocol)
                 return None
             if loaded.sources:
                 src_fd = _reopen(source, loaded.facts, "before it was saved")
             return zipwrite.save(obj, strip.weights(obj), writer.fileno(), src_fd,
-                                 loaded.sources, module.Pickler)
+                                 loaded.sources, pickler, protocol)
     except CheckpointError:
         raise
     except OSError as e:
@@ -175,16 +220,16 @@ def _save(obj: Any, writer: atomic.RecordingWriter, source: Path,
             os.close(src_fd)
 
 
-def _reopen(path: Path, facts: safeload.FileFacts, when: str) -> int:
+def _reopen(path: Path, facts: source.FileFacts, when: str) -> int:
     """An fd on `path`, provided it is still the file that was loaded (else SourceChanged)."""
-    fd, now = safeload.open_regular(path)
+    fd, now = source.open_regular(path)
     if not now.same_content_as(facts):
         os.close(fd)
         raise SourceChanged(f"changed while stripping (rewritten {when})")
     return fd
 
 
-def _hash_source(path: Path, facts: safeload.FileFacts) -> str:
+def _hash_source(path: Path, facts: source.FileFacts) -> str:
     fd = _reopen(path, facts, "before it was hashed")
     try:
         return atomic.sha256_fd(fd)
@@ -192,59 +237,78 @@ def _hash_source(path: Path, facts: safeload.FileFacts) -> str:
         os.close(fd)
 
 
-def _check_unchanged(path: Path, facts: safeload.FileFacts) -> None:
+def _check_unchanged(path: Path, facts: source.FileFacts) -> None:
     try:
-        now = safeload.FileFacts.of(os.lstat(path))
+        now = source.FileFacts.of(os.lstat(path))
     except FileNotFoundError:
         raise SourceChanged("changed while stripping (the file was removed)") from None
     if not now.same_content_as(facts):
         raise SourceChanged("changed while stripping (a trainer rewrote it); nothing was replaced")
 
 
-def verify(expected: dict[Any, Any], written: Path, layout: zipwrite.Written | None = None) -> None:
+def same_keys(a: list[Any], b: list[Any]) -> bool:
+    """Top-level keys equal in order, a NaN key equal to a NaN key (NaN != NaN otherwise)."""
+    def norm(k: Any) -> Any:
+        if type(k) is float:
+            return ("float", k.hex())
+        if type(k) in (int, str, bool, bytes, type(None)):
+            return (type(k).__name__, k)
+        return ("object", standin.class_name(k))
+    return len(a) == len(b) and all(norm(x) == norm(y) for x, y in zip(a, b, strict=True))
+
+
+def verify(expected: dict[Any, Any], written: Path, layout: zipwrite.Written | None = None, *,
+           allowed: Uses | None = None) -> None:
     """Read the new file back and check it is the stripped checkpoint, every byte as meant.
 
-    For a file `zipwrite` wrote (`layout`): its pickle is read back from the file and must be,
-    byte for byte, the pickle of `expected`; it must unpickle under the safe loader's policy with
-    every storage naming a record of its exact size, in the order, dtypes and sizes that were
-    saved; the top-level keys and their classes must be those of `expected`. Records written
-    from memory are checked against the CRC-32 computed while writing. Records copied from the
-    source carry the source's own CRC-32, and re-reading them whole would only re-read the
-    source: their first and last 4 KiB in the new file are compared with the bytes the strip
-    kept (catching a record copied from the wrong place). No weight is loaded.
+    The written file's container is parsed by the same strict reader as a source, and its pickle
+    is scanned on its own, opcode by opcode: every global it names must play a role the policy
+    allows and, with `allowed` (the source's uses plus `WRITER_VOCABULARY`), one the source's
+    pickle gave it. It must unpickle under the safe loader's policy with every storage naming a
+    record of its exact size; the top-level keys and their classes must be those of `expected`.
 
-    For a file `torch.save` wrote (the zip64 fallback), the reload is torch's own (mmap, no
-    weight read), each tensor's dtype, shape, strides, offset, requires_grad and storage size
-    is compared with `expected`, and every record is re-read against its CRC-32.
+    For a file `zipwrite` wrote (`layout`): its pickle must be, byte for byte, the pickle that was
+    written, naming the storages in the order, dtypes and sizes that were saved; records written
+    from memory must match the CRC-32 computed while writing; records copied from the source are
+    read whole and compared with the bytes torch mapped from the source, and with their CRC-32.
+    No weight is loaded. For a file `torch.save` wrote (the zip64 fallback) each tensor's dtype,
+    shape, strides, offset, requires_grad and storage size is compared with `expected`, and every
+    record is read against its CRC-32.
     """
-    structure: safeload.Structure | None = None
     try:
-        if layout is not None:
-            structure = safeload.load_structure(written, read_through=layout.from_memory)
-            obj = structure.obj
-        else:
-            obj = safeload.load(written).obj
-            _read_all_records(written)
+        structure = safeload.load_structure(written)
     except CheckpointError as e:
         raise VerifyFailed(f"the written file does not read back: {e.message}") from None
-    if not isinstance(obj, dict) or list(obj) != list(expected):
+    if allowed is not None:
+        extra = sorted(structure.scan.uses - allowed, key=str)
+        if extra:
+            name, role = extra[0]
+            raise VerifyFailed(f"the written pickle would name {name} "
+                               f"({policy.describe_role(role, policy.kind(name))}), "
+                               "which the source's pickle did not")
+    obj = structure.obj
+    if not isinstance(obj, dict) or not same_keys(list(obj), list(expected)):
         raise VerifyFailed("the written file has other top-level keys than the stripped checkpoint")
-    for key in expected:
-        if strip.describe(obj[key]) != strip.describe(expected[key]):
-            raise VerifyFailed(f"key {key!r} reads back as {strip.describe(obj[key])}")
-    if layout is None or structure is None:
+    for (key, want), (_key, got) in zip(expected.items(), obj.items(), strict=True):
+        if strip.describe(got) != strip.describe(want):
+            raise VerifyFailed(f"key {_printable(key)} reads back as {strip.describe(got)}")
+    if layout is None:
         _compare_tensors(expected, obj)
+        _check_records(written, structure.archive, [r.name for r in structure.archive.records])
         return
     if structure.pickle != layout.pickle:
         raise VerifyFailed("the written file's pickle is not the one that was written")
     if structure.storages != layout.storages:
         raise VerifyFailed(f"the written file names {len(structure.storages)} storages, "
                            f"{len(layout.storages)} were written, or their sizes differ")
-    if layout.copied_at:
-        try:
-            _check_copied(written, layout.copied_at)
-        except OSError as e:
-            raise VerifyFailed(f"the written file cannot be read back: {e}") from None
+    _check_records(written, structure.archive, layout.from_memory, layout.copied_at)
+
+
+def _printable(key: Any) -> str:
+    try:
+        return ascii(key)[:80]
+    except ValueError:  # an int of more digits than str() allows
+        return f"<{type(key).__name__}>"
 
 
 def _compare_tensors(expected: Any, back: Any) -> None:
@@ -256,32 +320,40 @@ def _compare_tensors(expected: Any, back: Any) -> None:
             raise VerifyFailed(f"tensor #{i} differs after the write: {_layout(y)} != {_layout(x)}")
 
 
-def _read_all_records(written: Path) -> None:
-    try:
-        with zipfile.ZipFile(written) as zf:
-            for info in zf.infolist():
-                with zf.open(info) as f:
-                    while f.read(1 << 20):
-                        pass
-    except (zipfile.BadZipFile, OSError) as e:
-        raise VerifyFailed(f"the written file fails its checksums: {e}") from None
+_CHUNK = 1 << 20
 
 
-def _check_copied(written: Path, copied_at: list[tuple[int, int, Any]], span: int = 4096) -> None:
+def _check_records(written: Path, archive: zipread.Archive, from_memory: list[str],
+                   copied_at: list[tuple[int, int, Any]] = ()) -> None:  # type: ignore[assignment]
+    """Read back what was written from memory (its CRC-32) and what was copied (all of it)."""
     fd = os.open(written, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
+        for name in from_memory:
+            rec = archive.by_name.get(name)
+            if rec is None:
+                raise VerifyFailed(f"the written file lacks its record {name!r}")
+            try:
+                zipread.read_record(fd, rec)
+            except CheckpointError as e:
+                raise VerifyFailed(f"the written file fails its checksums: {e.message}") from None
+        by_header = {r.header_offset: r for r in archive.records}
         for header, size, storage in copied_at:
-            local = os.pread(fd, zipwrite.LOCAL.size, header)
-            if len(local) != zipwrite.LOCAL.size or local[:4] != b"PK\x03\x04":
+            rec = by_header.get(header)
+            if rec is None or rec.size != size:
                 raise VerifyFailed(f"no zip record where one was copied (offset {header})")
-            *_fields, nlen, elen = zipwrite.LOCAL.unpack(local)
-            offset = header + zipwrite.LOCAL.size + nlen + elen
-            ptr = storage.data_ptr()
-            for start in sorted({0, max(0, size - span)}):
-                n = min(span, size - start)
-                if os.pread(fd, n, offset + start) != ctypes.string_at(ptr + start, n):
-                    raise VerifyFailed(f"a weight record copied from the source reads back "
-                                       f"with other bytes (at offset {offset + start})")
+            ptr, crc = storage.data_ptr(), 0
+            for start in range(0, size, _CHUNK):
+                n = min(_CHUNK, size - start)
+                got = os.pread(fd, n, rec.data_offset + start)
+                if got != ctypes.string_at(ptr + start, n):
+                    raise VerifyFailed("a weight record copied from the source reads back with "
+                                       f"other bytes (at offset {rec.data_offset + start})")
+                crc = zlib.crc32(got, crc)
+            if crc != rec.crc:
+                raise VerifyFailed(f"the source's record {rec.name!r} fails its CRC-32 check; "
+                                   "it was not copied")
+    except OSError as e:
+        raise VerifyFailed(f"the written file cannot be read back: {e}") from None
     finally:
         os.close(fd)
 
@@ -298,10 +370,15 @@ def estimate_size(obj: Any) -> int:
     return total + 64 * 2 * (len(storages) + 6) + 200 * len(storages) + 4096
 
 
-def inspect_file(path: Path) -> dict[str, Any]:
+def _epoch(value: Any) -> int | None:
+    # an epoch of 10**5000 is a value, not a count of epochs: not reported (nor printed)
+    return value if type(value) is int and abs(value) < 1 << 63 else None
+
+
+def inspect_file(path: Path, *, need: source.Need = source._no_cap) -> dict[str, Any]:
     """Where the bytes go: per top-level key, its type, tensors, bytes and dtypes."""
     with _gc_paused():
-        loaded = safeload.load(Path(path))
+        loaded = safeload.load(Path(path), need=need)
     obj = loaded.obj
     profile: str | None
     reason: str | None
@@ -318,12 +395,12 @@ def inspect_file(path: Path) -> dict[str, Any]:
     keys = []
     for key, value in obj.items():
         count, nbytes, dtypes = strip.tensor_bytes(strip.walk_tensors(value))
-        keys.append({"key": str(key), "type": strip.describe(value), "tensors": count,
-                     "bytes": nbytes, "dtypes": sorted(dtypes)})
+        keys.append({"key": _printable(key) if not isinstance(key, str) else key[:200],
+                     "type": strip.describe(value), "tensors": count, "bytes": nbytes,
+                     "dtypes": sorted(dtypes)})
     report: dict[str, Any] = {
         "path": str(path), "format": loaded.format, "bytes": loaded.facts.size,
-        "profile": profile, "keys": keys,
-        "epoch": obj.get("epoch") if isinstance(obj.get("epoch"), int) else None,
+        "profile": profile, "keys": keys, "epoch": _epoch(obj.get("epoch")),
     }
     if profile is None:
         report.update(stripped=None, bytes_after_strip=None, note=reason)

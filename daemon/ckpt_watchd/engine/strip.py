@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ckpt_watchd.engine.safeload import StandIn, class_name
+from ckpt_watchd.engine.standin import StandIn, class_name
 from ckpt_watchd.errors import UnrecognisedLayout
 
 YOLOV5 = "yolov5"
@@ -115,18 +115,33 @@ def strip(obj: dict[Any, Any], profile: str, *, now: datetime.datetime,
 
 
 def _present(value: Any) -> bool:
-    # the trainers test `if x.get('ema')`: a module is truthy, None and empty containers are not
     if value is None:
         return False
-    if isinstance(value, (dict, list, tuple)):
+    if isinstance(value, (dict, list, tuple, str)):
         return bool(value)
     return True
 
 
+def is_module(value: Any) -> bool:
+    """A module, real or stood in for: something with nn.Module's `_modules` or `_parameters`.
+
+    Only a module may replace `model` (a string or a state_dict under `ema` must not).
+    """
+    d = getattr(value, "__dict__", None)
+    return isinstance(d, dict) and (isinstance(d.get("_modules"), dict)
+                                    or isinstance(d.get("_parameters"), dict))
+
+
 def _strip_yolov5(ckpt: dict[Any, Any]) -> dict[Any, Any]:
     x = dict(ckpt)
-    if _present(x.get("ema")):
-        x["model"] = x["ema"]
+    ema = x.get("ema")
+    if _present(ema):  # the trainers test `if x.get('ema')`
+        if not is_module(ema):
+            raise UnrecognisedLayout(f"unrecognised checkpoint layout: 'ema' is a "
+                                     f"{describe(ema)}, not a model")
+        x["model"] = ema
+    if not is_module(x.get("model")):
+        raise UnrecognisedLayout("unrecognised checkpoint layout: 'model' is not a model")
     for k in _YOLOV5_NONE:
         x[k] = None
     for k in _YOLOV5_OLD_NONE:
@@ -142,10 +157,14 @@ def _strip_yolov5(ckpt: dict[Any, Any]) -> dict[Any, Any]:
 
 def _strip_ultralytics(ckpt: dict[Any, Any], now: datetime.datetime) -> dict[Any, Any]:
     x = dict(ckpt)
-    if _present(x.get("ema")):
-        x["model"] = x["ema"]
+    ema = x.get("ema")
+    if _present(ema):  # the trainers test `if x.get('ema')`
+        if not is_module(ema):
+            raise UnrecognisedLayout(f"unrecognised checkpoint layout: 'ema' is a "
+                                     f"{describe(ema)}, not a model")
+        x["model"] = ema
     model = x.get("model")
-    if model is None:
+    if not is_module(model):
         raise UnrecognisedLayout("unrecognised checkpoint layout: Ultralytics file without a model")
     attrs = getattr(model, "__dict__", {})
     if "args" in attrs:

@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 
+from ckpt_watchd.engine.zipread import LOCAL, Record
 from ckpt_watchd.errors import SourceChanged
 
 ARCHIVE = "archive/"
-LOCAL = struct.Struct("<IHHHHHIIIHH")
 _CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
 _END = struct.Struct("<IHHHHIIH")
 _UTF8 = 0x0800
@@ -49,27 +49,6 @@ _CHUNK = 1 << 20
 # copy_file_range refuses these (other filesystem, old kernel, special files): copy by hand
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF,
                              errno.ENOTSUP, errno.EPERM})
-
-
-@dataclass(frozen=True, slots=True)
-class SourceRecord:
-    """A storage record of the source zip, as its central directory describes it."""
-
-    name: str  # full name, e.g. "last/data/12"
-    header_offset: int  # its local header
-    span_end: int  # where the next record (or the central directory) starts
-    index: int  # its place in the file's physical order
-    size: int
-    crc: int
-    flags: int
-
-    @property
-    def key(self) -> str:
-        return self.name.rsplit("/data/", 1)[1]
-
-    @property
-    def prefix(self) -> str:
-        return self.name.rsplit("data/", 1)[0]
 
 
 @dataclass(slots=True)
@@ -118,7 +97,7 @@ _DISPATCH = {**copyreg.dispatch_table, collections.OrderedDict: _reduce_ordered_
 
 @dataclass(frozen=True, slots=True)
 class _Run:
-    records: tuple[SourceRecord, ...]
+    records: tuple[Record, ...]
     out_start: int
 
     @property
@@ -130,9 +109,9 @@ class _Run:
         return self.records[-1].span_end - self.src_start
 
 
-def plan_runs(kept: Iterable[SourceRecord]) -> list[tuple[SourceRecord, ...]]:
+def plan_runs(kept: Iterable[Record]) -> list[tuple[Record, ...]]:
     """Group source records into runs of physically consecutive records."""
-    runs: list[list[SourceRecord]] = []
+    runs: list[list[Record]] = []
     for rec in sorted(set(kept), key=lambda r: r.index):
         if runs and runs[-1][-1].index + 1 == rec.index:
             runs[-1].append(rec)
@@ -142,16 +121,18 @@ def plan_runs(kept: Iterable[SourceRecord]) -> list[tuple[SourceRecord, ...]]:
 
 
 def save(obj: Any, tensors: Iterable[torch.Tensor], out_fd: int, src_fd: int | None,
-         sources: dict[int, tuple[SourceRecord, Any]], pickler: type[pickle.Pickler]) -> Written:
+         sources: dict[int, tuple[Record, Any]], pickler: type[pickle.Pickler],
+         protocol: int = 2) -> Written:
     """Write `obj` as a torch zip checkpoint into `out_fd`.
 
     `tensors` are the tensors of `obj` (to find, before pickling, which source records are kept);
     `sources` maps the data pointer of each storage mapped from the source to its record, and
     `src_fd` is that source file. The persistent ids are torch's: `("storage", storage_type, key,
-    location, numel)`; only the per-object check is cheaper than torch's.
+    location, numel)`; only the per-object check is cheaper than torch's. `protocol` is the
+    pickle protocol: the source's, or what its names need (see `opscan.Scan.needs`).
     """
     zw = _Writer(out_fd, torch.serialization._get_storage_alignment())
-    kept: dict[int, SourceRecord] = {}
+    kept: dict[int, Record] = {}
     if src_fd is not None and sources:
         for t in tensors:
             s = t.untyped_storage()
@@ -210,7 +191,7 @@ def save(obj: Any, tensors: Iterable[torch.Tensor], out_fd: int, src_fd: int | N
                                                           "dispatch_table": _DISPATCH})
     try:
         buf = io.BytesIO()
-        storage_pickler(buf, protocol=2).dump(obj)
+        storage_pickler(buf, protocol=protocol).dump(obj)
         data = buf.getvalue()
         zw.add("data.pkl", data)
         if copier is None:
@@ -281,13 +262,13 @@ class _Writer:
                 if n else memoryview(b""))
         self.add(name, view)
 
-    def add_copied(self, rec: SourceRecord, out_header: int) -> None:
+    def add_copied(self, rec: Record, out_header: int) -> None:
         raw = rec.name.encode("utf-8")
         self._central.append((1, _CENTRAL.pack(
             0x02014B50, 0, 0, rec.flags, 0, 0, 0, rec.crc, rec.size, rec.size, len(raw), 0, 0,
             0, 0, 0, out_header) + raw))
 
-    def start_runs(self, src_fd: int | None, runs: list[tuple[SourceRecord, ...]]) -> _Copier:
+    def start_runs(self, src_fd: int | None, runs: list[tuple[Record, ...]]) -> _Copier:
         """Write the lead record, place the runs (each as aligned as in the source), start copying."""
         assert src_fd is not None
         a = self.alignment
@@ -386,7 +367,7 @@ class _Copier:
             done += n
         return True
 
-    def finish(self, by_ptr: dict[SourceRecord, int], sources: dict[int, tuple[SourceRecord, Any]]
+    def finish(self, by_ptr: dict[Record, int], sources: dict[int, tuple[Record, Any]]
                ) -> None:
         """Wait for the copies (finishing by hand what the kernel refused); add their entries."""
         self._thread.join()
