@@ -18,6 +18,7 @@ from typing import Any
 
 from ckpt_watchd import __version__
 from ckpt_watchd.errors import StartupError
+from ckpt_watchd.ops import display
 from ckpt_watchd.settings import DEFAULT_CONFIG, OPTION_BY_NAME, OPTIONS, Settings
 
 ENV_PREFIX = "CKPT_WATCHD_"
@@ -184,22 +185,29 @@ def _cmd_run(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------- one-shot commands
 
 
-def _human(n: int | None) -> str:
-    if n is None:
-        return "?"
-    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n} B"
+_human = display.size
+# what one file may take in the one-shot commands (the daemon has --job-timeout)
+DEFAULT_TIMEOUT = 1800.0
 
 
 def outcome_line(o: Any) -> str:
+    """One line per file, whatever its name or error contains."""
+    path = display.printable(o.path)
     if o.status == "failed":
-        return f"{o.path}: failed: {o.error}"
+        return f"{path}: failed: {display.printable(o.error)}"
     if o.status == "skipped":
-        return f"{o.path}: skipped ({o.reason})"
+        return f"{path}: skipped ({display.printable(o.reason)})"
     verb = "would strip" if o.status == "would_strip" else "stripped"
     approx = "~" if o.status == "would_strip" else ""
-    target = f" -> {o.output}" if o.output else ""
-    return (f"{o.path}: {verb} ({o.profile}) {_human(o.bytes_before)} -> "
+    target = f" -> {display.printable(o.output)}" if o.output else ""
+    return (f"{path}: {verb} ({o.profile}) {_human(o.bytes_before)} -> "
             f"{approx}{_human(o.bytes_after)}{target}")
+
+
+def _timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="wall-clock seconds one file may take before its process is killed "
+                   f"(default: {DEFAULT_TIMEOUT:g}); each file also has a CPU budget")
 
 
 def _cmd_strip(argv: list[str]) -> int:
@@ -212,15 +220,24 @@ def _cmd_strip(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per file")
     p.add_argument("--half", action="store_true",
                    help="generic checkpoints: also cast weights to FP16 (YOLO profiles always do)")
+    _timeout(p)
     ns = p.parse_args(argv)
     if ns.output is not None and len(ns.paths) != 1:
         p.error("-o/--output takes exactly one input PATH")
-    from ckpt_watchd.worker import StripJob, run_job
+    if not ns.timeout > 0:
+        p.error("--timeout must be > 0")
+    from ckpt_watchd.worker import StripJob, run_isolated
+
+    if len(ns.paths) > 1:
+        # each file is handled in a process of its own, forked from this one: import the torch
+        # side once here instead of once per file (a single file is refused before torch)
+        from ckpt_watchd.engine import checkpoint  # noqa: F401
 
     failed = False
     for path in ns.paths:
-        outcome = run_job(StripJob(path=str(path), output=str(ns.output) if ns.output else None,
-                                   dry_run=ns.dry_run, half=ns.half))
+        outcome = run_isolated(StripJob(path=str(path), output=str(ns.output) if ns.output
+                                        else None, dry_run=ns.dry_run, half=ns.half),
+                               wall=ns.timeout)
         failed |= not outcome.ok
         print(json.dumps(outcome.to_dict()) if ns.json else outcome_line(outcome), flush=True)
     return 1 if failed else 0
@@ -231,12 +248,14 @@ def _cmd_inspect(argv: list[str]) -> int:
                                 description="Where do a checkpoint's bytes go?")
     p.add_argument("path", type=Path, metavar="PATH")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _timeout(p)
     ns = p.parse_args(argv)
-    from ckpt_watchd.worker import inspect_boundary
+    from ckpt_watchd.worker import inspect_isolated
 
-    report, error = inspect_boundary(ns.path)
-    if error is not None:
-        print(f"{ns.path}: failed: {error}", file=sys.stderr)
+    report, error = inspect_isolated(ns.path, wall=ns.timeout)
+    if error is not None or report is None:
+        print(f"{display.printable(ns.path)}: failed: {display.printable(error)}",
+              file=sys.stderr)
         return 1
     assert report is not None
     if ns.json:
@@ -247,13 +266,13 @@ def _cmd_inspect(argv: list[str]) -> int:
 
 
 def format_inspection(r: dict[str, Any]) -> str:
-    lines = [f"{r['path']}: {_human(r['bytes'])}, {r['format']} format, "
+    lines = [f"{display.printable(r['path'])}: {_human(r['bytes'])}, {r['format']} format, "
              f"trainer: {r['profile'] or 'unrecognised'}"
              + (f", epoch {r['epoch']}" if r.get("epoch") is not None else "")]
-    width = max([len(k["key"]) for k in r["keys"]] + [3])
+    width = max([len(display.printable(k["key"])) for k in r["keys"]] + [3])
     lines.append(f"  {'key':<{width}}  {'type':<40} {'tensors':>7} {'bytes':>12}  dtypes")
     for k in r["keys"]:
-        lines.append(f"  {k['key']:<{width}}  {k['type'][:40]:<40} {k['tensors']:>7} "
+        lines.append(f"  {display.printable(k['key']):<{width}}  {k['type'][:40]:<40} {k['tensors']:>7} "
                      f"{k['bytes']:>12}  {','.join(k['dtypes'])}")
     if r["stripped"] is None:
         lines.append(f"  not strippable: {r.get('note')}")
@@ -261,8 +280,11 @@ def format_inspection(r: dict[str, Any]) -> str:
         lines.append("  already stripped (epoch -1, no optimizer state)")
     else:
         saved = r["bytes"] - r["bytes_after_strip"]
-        lines.append(f"  not stripped; after a strip: ~{_human(r['bytes_after_strip'])} "
-                     f"(saves ~{_human(saved)})")
+        if saved > 0:
+            lines.append(f"  not stripped; after a strip: ~{_human(r['bytes_after_strip'])} "
+                         f"(saves ~{_human(saved)})")
+        else:
+            lines.append("  not stripped, but nothing to save: it holds no optimizer state")
     return "\n".join(lines)
 
 

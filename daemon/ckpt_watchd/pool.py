@@ -57,7 +57,7 @@ class _Slot:
         try:
             proc = self.pool.ctx.Process(target=worker_main, name=f"ckpt-watchd-worker-{self.index}",
                                          args=(child, self.pool.nice, self.pool.io_idle,
-                                               expected_parent),
+                                               expected_parent, self.pool.job_timeout),
                                          daemon=True)
             # One start at a time: multiprocessing's resource tracker, which every start consults
             # and relaunches if it died, is not safe against two threads starting processes at once

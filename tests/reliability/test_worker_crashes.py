@@ -237,23 +237,42 @@ def test_spawned_workers_recover_from_kills(ckpts: Path, tmp_path: Path,
 
 
 def busy_checkpoint(template: Path, dest: Path) -> None:
-    """A checkpoint whose load burns CPU for a minute or more: Fraction(a, b) of two 1 MB integers.
+    """A checkpoint whose job runs for seconds: a 60 MB pickle of 60M cheap opcodes.
 
-    Fraction is allowed (plain data) but normalises with gcd, quadratic in the digits; the job
-    timeout, not the allowlist, is what bounds such a load.
+    Its scan takes seconds of CPU (or until its CPU budget of 2 s + 3 s stops it), so a kill
+    soon after the job started lands mid-job whatever the machine's speed: CPU time never runs
+    faster than the clock. NONE, POP pairs keep the scan's memory flat. A test that needs the
+    job to stay busy for as long as it likes stops the job's process (`stop_job_process`).
     """
     p = payloads
-    rng = random.Random(7)
-
-    def long4(n: int) -> bytes:
-        raw = n.to_bytes((n.bit_length() + 8) // 8, "little")  # a spare top byte keeps it positive
-        return b"\x8b" + len(raw).to_bytes(4, "little") + raw
-
-    a, b = rng.getrandbits(8 << 20) | 1, rng.getrandbits(8 << 20) | 1
-    spin = p.call(p.pglobal("fractions", "Fraction"), long4(a), long4(b))
-    body = b"}" + p.pstr("state_dict") + b"}s" + p.pstr("spin") + spin + b"s"
+    spin = b"N0" * 30_000_000
+    body = b"}" + p.pstr("state_dict") + b"}s" + spin
     dest.parent.mkdir(parents=True)
     p.rezip(template, dest, data_pkl=p.whole(body))
+
+
+def stop_job_process(h: PoolHarness, job: StripJob, timeout: float = 60) -> int:
+    """SIGSTOP the process a worker forked for `job` (each job has one); its pid.
+
+    A stopped job never ends by itself, so the slot stays busy for as long as the test needs.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        worker = next((s.proc.pid for s in h.pool._slots if s.job is job and s.proc is not None),
+                      None)
+        if worker is not None:
+            for name in os.listdir("/proc"):
+                if not name.isdigit():
+                    continue
+                try:
+                    stat = Path("/proc", name, "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == worker:
+                    os.kill(int(name), signal.SIGSTOP)
+                    return int(name)
+        assert time.monotonic() < deadline, f"no process runs {job.path}"
+        time.sleep(0.001)  # the poll period of this loop
 
 
 @pytest.mark.timeout(200)
@@ -447,10 +466,11 @@ def test_with_every_worker_busy_a_free_slot_starts_one_and_the_job_waits_queued(
     h.pool.ctx = ctx
     try:
         hung = tmp_path / "hung" / "last.pt"
-        busy_checkpoint(ckpts / "yolov5.pt", hung)  # its load burns CPU for a minute or more
+        busy_checkpoint(ckpts / "yolov5.pt", hung)  # its job runs for seconds...
         hung_job = StripJob(path=str(hung))
         h.pool.submit(hung_job)
         h.picked_up(hung_job)
+        stop_job_process(h, hung_job)  # ...and, stopped, for as long as this test runs
         path = new_file(tmp_path, 0, ckpts / "yolov5.pt")
         h.pool.submit(StripJob(path=str(path)))
         assert ctx.holding.wait(60), "no slot started a worker for the queued job"
