@@ -49,12 +49,22 @@ def test_hook_sees_run_files_and_sizes(tmp_path: Path, run_dir: Path) -> None:
     env = seen["env"]
     assert env["CKPT_STRIPPED_RUN"] == str(run_dir)
     assert env["CKPT_STRIPPED_FILES"].split("\n") == [p for p, _, _ in FILES]
+    assert json.loads(env["CKPT_STRIPPED_FILES_JSON"]) == [p for p, _, _ in FILES]
     assert env["CKPT_STRIPPED_FILE_COUNT"] == "2"
     assert env["CKPT_STRIPPED_BYTES_BEFORE"] == "1900"
     assert env["CKPT_STRIPPED_BYTES_AFTER"] == "550"
     assert env["CKPT_STRIPPED_FILE_1"] == "/runs/exp/weights/last.pt"
     assert env["CKPT_STRIPPED_FILE_2_BYTES_BEFORE"] == "900"
     assert env["CKPT_STRIPPED_FILE_2_BYTES_AFTER"] == "250"
+
+
+def test_a_file_name_with_a_newline_cannot_forge_a_line() -> None:
+    """Control characters in a path are escaped in the line list; the JSON list keeps it exact."""
+    evil = "/runs/train/x\n/etc/passwd/weights/last.pt"
+    env = hook_env("/runs/train/x", [(evil, 10, 5)], base={})
+    assert env["CKPT_STRIPPED_FILES"].split("\n") == ["/runs/train/x\\n/etc/passwd/weights/last.pt"]
+    assert json.loads(env["CKPT_STRIPPED_FILES_JSON"]) == [evil]
+    assert env["CKPT_STRIPPED_FILE_1"] == evil
 
 
 def test_hook_inherits_the_daemons_environment(tmp_path: Path, run_dir: Path) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import structlog
 
 from ckpt_watchd.engine import atomic
-from ckpt_watchd.errors import StartupError
+from ckpt_watchd.errors import FINAL_KINDS, StartupError
 from ckpt_watchd.outcome import FAILED, STRIPPED, WOULD_STRIP, Outcome
 from ckpt_watchd.records import audit
 from ckpt_watchd.records.state import GIVEN_UP, StateStore
@@ -401,7 +401,8 @@ class Service:
             return  # not an attempt: the next start looks at it again
         event, fields = audit.outcome_event(o, run=r, attempt=job.attempt)
         if o.status == FAILED:
-            final = job.attempt >= self.s.max_attempts or self.s.dry_run
+            final = (job.attempt >= self.s.max_attempts or self.s.dry_run
+                     or o.error_type in FINAL_KINDS)
             fields["final"] = final
             if not self.s.dry_run:
                 if final:

@@ -7,7 +7,10 @@ service, the strip stands.
 
 Environment the command sees, on top of the daemon's own:
   CKPT_STRIPPED_RUN           the run's folder (the one holding weights/); also the hook's cwd
-  CKPT_STRIPPED_FILES         the stripped files, one absolute path per line (newline-separated)
+  CKPT_STRIPPED_FILES_JSON    the stripped files, a JSON list of absolute paths (exact, any name)
+  CKPT_STRIPPED_FILES         the same, one per line, control characters escaped (\n, \x1b):
+                              a name with a newline cannot forge a line; for exact names use
+                              the _JSON list or CKPT_STRIPPED_FILE_<n>
   CKPT_STRIPPED_FILE_COUNT    how many files; then for n = 1..COUNT:
   CKPT_STRIPPED_FILE_<n>, CKPT_STRIPPED_FILE_<n>_BYTES_BEFORE, CKPT_STRIPPED_FILE_<n>_BYTES_AFTER
   CKPT_STRIPPED_BYTES_BEFORE, CKPT_STRIPPED_BYTES_AFTER   totals over the files, in bytes
@@ -16,6 +19,7 @@ Environment the command sees, on top of the daemon's own:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -23,6 +27,8 @@ import subprocess
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from ckpt_watchd.ops import display
 
 SHELL = "/bin/sh"
 
@@ -40,7 +46,8 @@ def hook_env(run_dir: str, files: list[tuple[str, int, int]],
     """The hook's environment: `base` (default: ours) plus the CKPT_WATCHD_* variables above."""
     env = dict(os.environ if base is None else base)
     env["CKPT_STRIPPED_RUN"] = run_dir
-    env["CKPT_STRIPPED_FILES"] = "\n".join(path for path, _, _ in files)
+    env["CKPT_STRIPPED_FILES"] = "\n".join(display.printable(path) for path, _, _ in files)
+    env["CKPT_STRIPPED_FILES_JSON"] = json.dumps([path for path, _, _ in files])
     env["CKPT_STRIPPED_FILE_COUNT"] = str(len(files))
     env["CKPT_STRIPPED_BYTES_BEFORE"] = str(sum(before for _, before, _ in files))
     env["CKPT_STRIPPED_BYTES_AFTER"] = str(sum(after for _, _, after in files))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_watchd.errors import StartupError
+from ckpt_watchd.ops import display
 from ckpt_watchd.outcome import STRIPPED
 from ckpt_watchd.records.state import GIVEN_UP, CkptRow, RunRow, StateStore
 from ckpt_watchd.settings import Settings
@@ -42,9 +43,9 @@ def print_status(root: Path, state_dir: Path | None, as_json: bool, *,
     elif not reports:
         print(f"no runs recorded yet under {root}")
     else:
-        width = max(len(r["run"]) for r in reports)
+        width = max(len(display.printable(r["run"])) for r in reports)
         for r in reports:
-            print(f"{r['run']:<{width}}  {describe(r)}")
+            print(f"{display.printable(r['run']):<{width}}  {display.printable(describe(r))}")
     return 0
 
 
@@ -79,9 +80,9 @@ def run_report(run: RunRow, ckpts: list[CkptRow], root: Path, now: float) -> dic
 def describe(r: dict[str, Any]) -> str:
     state = r["state"]
     if state == "settling" and r["seconds_left"] is not None:
-        text = f"settling ({_duration(r['seconds_left'])} left)"
+        text = f"settling ({display.duration(r['seconds_left'])} left)"
     elif state == "stripped":
-        text = f"stripped (saved {_bytes(r['bytes_saved'])})"
+        text = f"stripped (saved {display.size(r['bytes_saved'])})"
     elif state in ("failed", "kept", "excluded") and r["reason"]:
         text = f"{state}: {r['reason']}"
     else:
@@ -96,16 +97,3 @@ def _iso(t: float | None) -> str | None:
     if t is None:
         return None
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()
-
-
-def _duration(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f}s"
-    return f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
-
-
-def _bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"

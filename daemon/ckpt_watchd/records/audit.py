@@ -8,6 +8,8 @@ happened. No torch, no clock of its own beyond the timestamp structlog stamps on
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -83,10 +85,17 @@ class Auditor:
     def _open_file(path: Path) -> TextIO:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            return open(path, "a", encoding="utf-8")
+            # never block on a FIFO or write through a symlink someone put in our place
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+                         | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise StartupError(f"audit log {path} cannot be opened for writing: "
                                f"{e.strerror or e}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StartupError(f"audit log {path} is not a regular file")
+        os.set_blocking(fd, True)
+        return open(fd, "a", encoding="utf-8")
 
     @staticmethod
     def _wrap(file: TextIO) -> Any:

@@ -24,10 +24,13 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from ckpt_watchd.watch.runfiles import NotRegular
 
 CLAIM_PREFIX = ".ckpt-watchd-claim."
 _MAX_CLAIM_BYTES = 4096
@@ -88,10 +91,13 @@ class Claim:
 
     def release(self) -> bool:
         """Remove the claim file if it is still ours; False if someone has taken it over."""
-        seen = _read(self.lock)
-        if seen is None or seen.token() != self.token:
+        try:
+            seen = _read(self.lock)
+            if seen is None or seen.token() != self.token:
+                return False
+            return _remove_if(self.lock, lambda moved: moved.token() == self.token)
+        except OSError:  # something else sits under our claim's name now: not ours to remove
             return False
-        return _remove_if(self.lock, lambda moved: moved.token() == self.token)
 
 
 def try_claim(path: Path, *, host: str, pid: int, now: float, stale_after: float) -> Claim | None:
@@ -159,10 +165,13 @@ def sweep(folder: Path, *, host: str, now: float, stale_after: float) -> list[Pa
                     os.unlink(path)
                     removed.append(path)
         elif entry.name.endswith(_BREAKER):
-            seen = _read(path)
-            if (seen is not None and seen.abandoned(now, stale_after, host)
-                    and _remove_if(path, functools.partial(_same, seen))):
-                removed.append(path)
+            try:
+                seen = _read(path)
+                if (seen is not None and seen.abandoned(now, stale_after, host)
+                        and _remove_if(path, functools.partial(_same, seen))):
+                    removed.append(path)
+            except OSError:  # not a breaker of ours (a FIFO under its name): left alone
+                continue
     return removed
 
 
@@ -230,12 +239,20 @@ def _create(path: Path, body: bytes) -> bool:
 
 
 def _read(path: Path) -> _Seen | None:
+    """The claim file at `path`, or None if there is none.
+
+    Never blocks and never follows a link: a FIFO, a symlink or a device planted under a claim's
+    name raises OSError (runfiles.NotRegular), which `try_claim` passes on (the strip then goes
+    ahead without a claim) and the sweep skips.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegular(f"{path} is not a regular file")
         return _Seen(st.st_ino, st.st_dev, st.st_mtime, os.read(fd, _MAX_CLAIM_BYTES))
     finally:
         os.close(fd)

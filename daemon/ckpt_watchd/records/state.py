@@ -8,7 +8,9 @@ clock (times come in as arguments), is used from one thread only, and commits ev
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +104,9 @@ class StateStore:
     def open(cls, path: Path, *, readonly: bool = False) -> StateStore:
         """Open (creating dir and schema unless `readonly`); a StartupError says what is wrong."""
         path = Path(path).absolute()
+        with contextlib.suppress(OSError):  # missing: created below; unreachable: said below
+            if not stat.S_ISREG(os.lstat(path).st_mode):  # a FIFO there would hang SQLite
+                raise StartupError(f"state store {path} is not a regular file")
         if readonly:
             if not path.is_file():
                 raise StartupError(f"state store {path} does not exist")

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from ckpt_watchd.engine.atomic import TEMP_PREFIX
-from ckpt_watchd.watch import paths
+from ckpt_watchd.watch import paths, runfiles
 from ckpt_watchd.watch.tracker import Observation
 
 log = structlog.get_logger("ckpt_watchd.watch.watcher")
@@ -143,9 +143,9 @@ def cadence_hint(run_dir: Path, newest_mtime: float | None) -> float | None:
     if not starts:
         return None
     try:
-        with open(run_dir / "results.csv", "rb") as f:
-            rows = sum(1 for line in f.read(4 << 20).splitlines() if line.strip()) - 1
-    except OSError:
+        text = runfiles.read_small(run_dir / "results.csv", 4 << 20)
+        rows = sum(1 for line in text.splitlines() if line.strip()) - 1
+    except OSError:  # missing, unreadable, or not a regular file (a FIFO must not block us)
         rows = 0
     epochs = max(1, rows)
     return max(0.0, (newest_mtime - min(starts)) / epochs)
