@@ -230,9 +230,29 @@ def read_archive(fd: int, size: int) -> Archive:
             if nxt == cd_offset and data_offset + usize > size:
                 raise TornWrite("incomplete or torn write: records claim more bytes than the file")
             raise _bad(f"record {name!r} overlaps the next one")
+        if flags & FLAG_DESCRIPTOR:
+            _check_descriptor(fd, name, data_offset + usize, nxt, crc, usize)
         records[i] = Record(name, lho, data_offset, usize, crc, flags, rank, nxt)
     done = tuple(r for r in records if r is not None)
     return Archive(prefix, done, cd_offset, {r.name: r for r in done})
+
+
+_DESCRIPTOR32 = struct.Struct("<III")
+_DESCRIPTOR64 = struct.Struct("<IQQ")
+
+
+def _check_descriptor(fd: int, name: str, at: int, end: int, crc: int, size: int) -> None:
+    """A record's data descriptor (after its data) must state what the central directory does.
+
+    A streaming reader takes the sizes from it; one that lies would make that reader see other
+    records than we do. Its signature is optional, its sizes 4 or 8 bytes (zip64).
+    """
+    raw = os.pread(fd, min(28, max(0, end - at)), at)
+    body = raw[4:] if raw[:4] == b"PK\x07\x08" else raw
+    for fmt in (_DESCRIPTOR32, _DESCRIPTOR64):
+        if len(body) >= fmt.size and fmt.unpack_from(body) == (crc, size, size):
+            return
+    raise _bad(f"record {name!r}: its data descriptor states other sizes or CRC")
 
 
 def read_record(fd: int, rec: Record) -> bytes:
