@@ -5,18 +5,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 
+from ckpt_watchd.engine.profiles import yolov5
+from ckpt_watchd.engine.profiles.common import Look
 from ckpt_watchd.outcome import FAILED, SKIPPED, STRIPPED, Outcome
 from ckpt_watchd.records.audit import Auditor
 from ckpt_watchd.records.state import StateStore
 from ckpt_watchd.service import Service
-from ckpt_watchd.settings import Settings
-from ckpt_watchd.watch.watcher import Probe
+from ckpt_watchd.settings import DEFAULT_FILES, DEFAULT_PATTERNS, Settings
+from ckpt_watchd.watch.discover import Probe, UnitState
 from ckpt_watchd.worker import StripJob
 
 
@@ -80,14 +82,24 @@ class World:
         self.ino += 1
         self.files[wdir][name] = (self.ino, size, int(wall * 1e9))
 
-    def probe(self, wdir: Path) -> Probe:
-        files = tuple((n, "f", *fp) for n, fp in self.files.get(wdir, {}).items())
-        newest = max((fp[2] for fp in self.files.get(wdir, {}).values()), default=0)
-        return Probe(files, newest, wdir in self.kept)  # type: ignore[arg-type]
+    def probe(self, run: Path) -> Probe:
+        """A run's files and units: its weights folder's checkpoints, found by YOLOv5's own rule."""
+        wdir = run / "weights"
+        ckpts = self.files.get(wdir, {})
+        files = tuple((f"weights/{n}", "f", *fp) for n, fp in ckpts.items())
+        newest = max((fp[2] for fp in ckpts.values()), default=0)
+        look = Look(PurePosixPath(wdir.relative_to(self.root).as_posix()),
+                    dict.fromkeys(ckpts, False), DEFAULT_PATTERNS, DEFAULT_FILES)
+        found = yolov5.discover(look)
+        units = tuple(UnitState(u, self.root / u.rel, ckpts[Path(u.rel).name])
+                      for u in (found.units if found else ()))
+        return Probe(files, newest, wdir in self.kept, units,  # type: ignore[arg-type]
+                     folders=(run, wdir))
 
-    def find(self, root: Path, patterns: Iterable[str], *, below: Path | None = None,
-             skip: Iterable[Path] = ()) -> list[Path]:
-        return [w for w in self.files if below is None or below in w.parents]
+    def find(self, below: Path | None = None, depth: int | None = None) -> list[Path]:
+        """The runs, as discovery would find them: every run folder with a weights folder."""
+        return [w.parent for w in self.files
+                if below is None or below in (w, w.parent) or below in w.parent.parents]
 
 
 @pytest.fixture
@@ -171,7 +183,7 @@ def test_live_run_is_not_touched_while_it_writes(world: World, tmp_path: Path) -
     t = 0.0
     for _ in range(40):
         world.write(wdir, "last.pt", 1_000_000 + t)
-        svc.hints.add_run(wdir)
+        svc.hints.add_folder(wdir)
         step(svc, clock, t)
         step(svc, clock, t + 29.9)
         assert pool.jobs == []
@@ -264,23 +276,23 @@ class FakeWriters:
     def __init__(self, error: str | None = None) -> None:
         self.last: dict[Path, int] = {}
         self.alive: set[int] = set()
-        self.watched: list[Path] = []
+        self.watched: list[tuple[Path, Path | None]] = []
         self.forgotten: list[Path] = []
         self.drains = 0
         self.error = error
 
-    def watch(self, folder: Path) -> None:
-        self.watched.append(folder)
+    def watch(self, folder: Path, run: Path | None = None) -> None:
+        self.watched.append((folder, run))
 
     def drain(self) -> None:
         self.drains += 1
 
-    def live(self, folder: Path) -> int | None:
-        pid = self.last.get(folder)
+    def live(self, run: Path) -> int | None:
+        pid = self.last.get(run)
         return pid if pid in self.alive else None
 
-    def forget(self, folder: Path) -> None:
-        self.forgotten.append(folder)
+    def forget(self, run: Path) -> None:
+        self.forgotten.append(run)
 
 
 def test_run_whose_last_writer_still_runs_waits(world: World, tmp_path: Path) -> None:
@@ -290,10 +302,11 @@ def test_run_whose_last_writer_still_runs_waits(world: World, tmp_path: Path) ->
     wdir = world.add_run("train/exp")
     world.write(wdir, "last.pt", 1_000_000 - 3600)
     writers = FakeWriters()
-    writers.last[wdir], writers.alive = 777, {777}
+    writers.last[wdir.parent], writers.alive = 777, {777}
     svc, pool, audit = make(world, tmp_path, clock, writers=writers)
     step(svc, clock, 0.0)
-    assert writers.watched == [wdir]  # followed from discovery on
+    # every folder of the run is followed from discovery on, as the run's
+    assert writers.watched == [(wdir.parent, wdir.parent), (wdir, wdir.parent)]
     step(svc, clock, 60.0)
     assert pool.jobs == []
     busy = events(audit, "run.busy")
@@ -316,7 +329,7 @@ def test_a_run_that_vanishes_is_no_longer_followed(world: World, tmp_path: Path)
     wdir.rmdir()
     svc.next_reconcile = 0.0
     step(svc, clock, 1.0)
-    assert writers.forgotten == [wdir]
+    assert writers.forgotten == [wdir.parent]
 
 
 def test_when_writers_cannot_be_followed_the_daemon_says_so_once(world: World,
@@ -343,7 +356,7 @@ def test_dry_run_jobs_change_nothing_and_report_once(world: World, tmp_path: Pat
     pool.finish("would_strip", fingerprint=(ino, size, mtime))
     step(svc, clock, 1.0)
     assert len(events(audit, "ckpt.would_strip")) == 1
-    svc.tracker.forget(str(wdir))
+    svc.tracker.forget(str(wdir.parent))
     step(svc, clock, 10_000.0)
     assert pool.jobs == []
 
@@ -358,7 +371,7 @@ def test_resumed_run_is_tracked_again(world: World, tmp_path: Path) -> None:
     pool.finish(STRIPPED)
     step(svc, clock, 1.0)
     world.write(wdir, "last.pt", 1_000_000 + 100)
-    svc.hints.add_run(wdir)
+    svc.hints.add_folder(wdir)
     step(svc, clock, 100.0)
     assert pool.jobs == []
     step(svc, clock, 160.0)
@@ -403,7 +416,7 @@ def test_skipped_outcome_marks_run_done(world: World, tmp_path: Path) -> None:
     pool.finish(SKIPPED, reason="already stripped")
     step(svc, clock, 1.0)
     assert events(audit, "ckpt.skipped")[0]["reason"] == "already stripped"
-    assert svc.tracker.view(str(wdir), 1.0).phase == "done"  # type: ignore[union-attr]
+    assert svc.tracker.view(str(wdir.parent), 1.0).phase == "done"  # type: ignore[union-attr]
 
 
 def test_worker_is_prewarmed_before_a_run_is_due(world: World, tmp_path: Path) -> None:
@@ -412,7 +425,7 @@ def test_worker_is_prewarmed_before_a_run_is_due(world: World, tmp_path: Path) -
     wdir = world.add_run("train/exp")
     svc, pool, _audit = make(world, tmp_path, clock, settle=600, rescan_interval=10_000)
     world.write(wdir, "last.pt", 1_000_000)
-    svc.hints.add_run(wdir)
+    svc.hints.add_folder(wdir)
     clock[0] = 0.0
     wake_at = svc.step(0.0, 1_000_000)
     assert pool.warmed == 0
@@ -492,3 +505,68 @@ def test_the_daemons_main_process_modules_never_import_torch() -> None:
             f"print([m for m in {TORCH_SIDE!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_superseded_epochs_are_stripped_while_the_run_trains(world: World, tmp_path: Path) -> None:
+    """--strip-superseded: an epochN.pt a newer one replaced is stripped once quiet for --settle;
+    the newest one and last/best wait for the end of the run."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    svc, pool, audit = make(world, tmp_path, clock, strip_superseded=True)
+    for epoch in range(3):  # an epoch every 20 s; each save writes last, best and epochN
+        for name in ("last.pt", "best.pt", f"epoch{epoch}.pt"):
+            world.write(wdir, name, 1_000_000 + 20 * epoch)
+        svc.hints.add_folder(wdir)
+        step(svc, clock, 20.0 * epoch)
+    assert pool.jobs == []  # epoch0/1 superseded, but not quiet for --settle (60 s) yet
+    world.write(wdir, "last.pt", 1_000_000 + 100)  # the run goes on writing last.pt
+    svc.hints.add_folder(wdir)
+    step(svc, clock, 100.0)  # epoch0 quiet for 100 s, epoch1 for 80 s
+    assert sorted(Path(j.path).name for j in pool.jobs) == ["epoch0.pt", "epoch1.pt"]
+    assert [e["path"] for e in events(audit, "ckpt.superseded")] == [
+        str(wdir / "epoch0.pt"), str(wdir / "epoch1.pt")]
+    assert events(audit, "run.finished") == []  # the run itself is still live
+    for _ in range(2):
+        name = Path(pool.jobs[0].path).name
+        world.write(wdir, name, 1_000_000 + 101)  # what the strip wrote
+        pool.finish(STRIPPED, fingerprint=world.files[wdir][name])
+    svc.hints.add_folder(wdir)
+    step(svc, clock, 101.0)
+    assert pool.jobs == [] and events(audit, "run.finished") == []  # ours was no activity
+    step(svc, clock, 100.0 + 181)  # quiet for 3 x the longest gap (60 s): the run is finished
+    names = sorted(Path(j.path).name for j in pool.jobs)
+    assert names == ["best.pt", "epoch2.pt", "last.pt"]  # the rest, once, at the end
+
+
+def test_without_the_option_nothing_is_stripped_while_the_run_trains(world: World,
+                                                                    tmp_path: Path) -> None:
+    """By default a live run is never touched: its superseded epochs wait for the end too."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    svc, pool, _audit = make(world, tmp_path, clock)
+    for epoch in range(4):
+        for name in ("last.pt", f"epoch{epoch}.pt"):
+            world.write(wdir, name, 1_000_000 + 50 * epoch)
+        svc.hints.add_folder(wdir)
+        step(svc, clock, 50.0 * epoch)
+    assert pool.jobs == []
+    step(svc, clock, 150.0 + 151)  # the quiet period: 3 x the 50 s between saves
+    assert sorted(Path(j.path).name for j in pool.jobs) == [
+        "epoch0.pt", "epoch1.pt", "epoch2.pt", "epoch3.pt", "last.pt"]
+
+
+def test_a_checkpoint_rotated_away_mid_strip_is_vanished_not_failed(world: World,
+                                                                    tmp_path: Path) -> None:
+    """The trainer deleting a checkpoint while it is stripped is no error: ckpt.vanished, no retry."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    world.write(wdir, "last.pt", 1_000_000 - 3600)
+    svc, pool, audit = make(world, tmp_path, clock)
+    step(svc, clock, 0.0)
+    assert len(pool.jobs) == 1
+    del world.files[wdir]["last.pt"]  # rotated away (it was never a real file here)
+    pool.finish(FAILED, error_type="changed", error="changed while stripping (the file was removed)")
+    step(svc, clock, 1.0)
+    assert [e["path"] for e in events(audit, "ckpt.vanished")] == [str(wdir / "last.pt")]
+    assert events(audit, "ckpt.failed") == []
+    assert svc.store.retries_due(10**9) == []

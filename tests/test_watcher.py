@@ -1,4 +1,4 @@
-"""Path rules, scans and the watchdog adapter on a real filesystem (a real inotify observer)."""
+"""Path rules, discovery and the watchdog adapter on a real filesystem (a real inotify observer)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_watchd.watch import paths, watcher
+from ckpt_watchd.watch import discover, paths, watcher
 
 PATTERNS = ("train/*/weights", "*/*/weights")
+FILES = ("last.pt", "best.pt", "epoch*.pt")
+
+
+def where(root: Path, **kw: object) -> discover.Where:
+    return discover.Where(root, PATTERNS, FILES, **kw)  # type: ignore[arg-type]
 
 # watchdog 7 warns on its own observer thread when a folder is re-added after an overflow re-walk;
 # under filterwarnings=error that warning would kill the observer thread mid-test
@@ -35,44 +40,80 @@ def test_weights_dir_rules(rel: str, expected: bool) -> None:
     assert paths.is_weights_dir(rel, PATTERNS) is expected
 
 
-def test_prefix_and_exclude_rules() -> None:
-    """Task/run folders may still gain weights/; --exclude matches a run or any parent of it."""
-    assert paths.could_contain_weights_dir("train", PATTERNS)
-    assert paths.could_contain_weights_dir("train/exp", PATTERNS)
-    assert not paths.could_contain_weights_dir("train/exp/weights", PATTERNS)
-    assert paths.remaining_patterns("detect", PATTERNS) == ["*/weights"]
+def test_double_star_matches_any_number_of_folders() -> None:
+    """`**` in a pattern matches zero or more whole folders (YOLO runs anywhere below the root)."""
+    deep = ("**/runs/train/*/weights",)
+    assert paths.is_weights_dir("runs/train/exp/weights", deep)
+    assert paths.is_weights_dir("team/a/runs/train/exp/weights", deep)
+    assert not paths.is_weights_dir("team/a/runs/train/exp", deep)
+
+
+def test_exclude_rules() -> None:
+    """--exclude matches a run or any parent of it; our own names are recognised."""
     assert paths.is_excluded("train/keep-1", ["train/keep-*"])
     assert paths.is_excluded("segment/x", ["segment"])
     assert not paths.is_excluded("train/exp", ["train/keep-*"])
     assert paths.is_own_file(".ckpt-watchd-last.pt.1234.tmp")
 
 
-def test_scan_finds_weights_dirs_without_following_symlinks(tmp_path: Path) -> None:
-    """The scan finds both layouts, skips our state dir, and never follows a symlink out."""
+def test_discovery_finds_runs_without_following_symlinks(tmp_path: Path) -> None:
+    """Runs of both layouts are found, our state dir is skipped, a symlink is never followed."""
     root = tmp_path / "runs"
     for rel in ("train/a/weights", "detect/b/weights", ".ckpt-watchd/x/weights"):
         (root / rel).mkdir(parents=True)
+        (root / rel / "last.pt").write_bytes(b"x")
     outside = tmp_path / "outside" / "c" / "weights"
     outside.mkdir(parents=True)
+    (outside / "last.pt").write_bytes(b"x")
     (root / "segment").symlink_to(tmp_path / "outside")
-    found = set(watcher.find_weights_dirs(root, PATTERNS, skip=[root / ".ckpt-watchd"]))
-    assert found == {root / "train/a/weights", root / "detect/b/weights"}
-    below = set(watcher.find_weights_dirs(root, PATTERNS, below=root / "detect"))
-    assert below == {root / "detect/b/weights"}
+    found = set(discover.find_runs(where(root, skip=(root / ".ckpt-watchd",))))
+    assert found == {root / "train/a", root / "detect/b"}
+    below = set(discover.find_runs(where(root), below=root / "detect"))
+    assert below == {root / "detect/b"}
+    assert set(discover.find_runs(where(root), below=root / "train/a/weights", depth=0)) == {
+        root / "train/a"}
 
 
-def test_probe_reports_files_and_keep_marker(tmp_path: Path) -> None:
-    """probe() stats the checkpoint files (a folder named last.pt is reported, not followed)."""
-    wdir = tmp_path / "train/a/weights"
+def test_a_weights_folder_without_checkpoints_is_no_run(tmp_path: Path) -> None:
+    """A run is found by what it holds: an empty weights folder is not a run (yet)."""
+    root = tmp_path / "runs"
+    (root / "train/empty/weights").mkdir(parents=True)
+    assert discover.find_runs(where(root)) == {}
+
+
+def test_probe_reports_every_file_the_units_and_the_keep_marker(tmp_path: Path) -> None:
+    """probe() stats every file of the run; a folder named last.pt is no unit, never followed."""
+    root = tmp_path / "runs"
+    run = root / "train/a"
+    wdir = run / "weights"
     wdir.mkdir(parents=True)
     (wdir / "best.pt").write_bytes(b"x" * 10)
+    (wdir / "epoch3.pt").write_bytes(b"x" * 12)
     (wdir / "last.pt").mkdir()
-    p = watcher.probe(wdir, ("last.pt", "best.pt"))
-    assert [(f[0], f[1], f[3]) for f in p.files][1] == ("best.pt", "f", 10)
-    assert p.files[0][:2] == ("last.pt", "x")
-    assert not p.kept
-    (wdir.parent / paths.KEEP_MARKER).touch()
-    assert watcher.probe(wdir, ("last.pt",)).kept
+    (run / "results.csv").write_text("epoch\n")
+    p = discover.probe(run, where(root))
+    assert sorted((f[0], f[3]) for f in p.files) == [
+        ("results.csv", 6), ("weights/best.pt", 10), ("weights/epoch3.pt", 12)]
+    units = {u.path.name: u for u in p.units}
+    assert sorted(units) == ["best.pt", "epoch3.pt"]
+    assert units["best.pt"].unit.rewritten and not units["epoch3.pt"].unit.rewritten
+    assert (units["epoch3.pt"].unit.series, units["epoch3.pt"].unit.index) == ("epoch", (3,))
+    assert units["best.pt"].fingerprint is not None and units["best.pt"].fingerprint[1] == 10
+    assert set(p.folders) == {run, wdir, wdir / "last.pt"} and not p.kept  # every folder
+    (run / paths.KEEP_MARKER).touch()
+    assert discover.probe(run, where(root)).kept
+
+
+def test_probe_knows_which_names_share_an_inode(tmp_path: Path) -> None:
+    """Hard links in a run are reported with each other, so one strip serves every name."""
+    root = tmp_path / "runs"
+    wdir = root / "train/a/weights"
+    wdir.mkdir(parents=True)
+    (wdir / "last.pt").write_bytes(b"x")
+    os.link(wdir / "last.pt", wdir / "epoch4.pt")
+    units = {u.path.name: u for u in discover.probe(root / "train/a", where(root)).units}
+    assert units["last.pt"].also == (wdir / "epoch4.pt",)
+    assert units["epoch4.pt"].also == (wdir / "last.pt",)
 
 
 def test_cadence_hint_from_run_records(tmp_path: Path) -> None:
@@ -86,28 +127,26 @@ def test_cadence_hint_from_run_records(tmp_path: Path) -> None:
     assert watcher.cadence_hint(tmp_path / "nothing", 1400.0) is None
 
 
-def test_observer_hints_the_weights_dir_and_ignores_own_files(tmp_path: Path) -> None:
-    """A checkpoint write hints its weights folder; our temp files and the state dir hint nothing."""
+def test_observer_hints_the_changed_folder_and_ignores_own_files(tmp_path: Path) -> None:
+    """A file written hints its folder; our temp files and the state dir hint nothing."""
     root = tmp_path / "runs"
     wdir = root / "train/exp/weights"
     wdir.mkdir(parents=True)
     (root / ".ckpt-watchd").mkdir()
     wake = threading.Event()
     hints = watcher.Hints(wake)
-    w = watcher.Watcher(root, PATTERNS, ("last.pt",), hints, ignore=[root / ".ckpt-watchd"],
-                        warn=lambda m: None)
+    w = watcher.Watcher(root, hints, ignore=[root / ".ckpt-watchd"], warn=lambda m: None)
     w.start()
     try:
         assert w.mode == "inotify" and w.alive()
         (root / ".ckpt-watchd" / "audit.jsonl").write_text("x")
         (wdir / ".ckpt-watchd-last.pt.ab.tmp").write_text("x")
-        (wdir / "notes.txt").write_text("x")
         (wdir / "last.pt").write_bytes(b"data")
         collected: set[Path] = set()
 
         def got() -> bool:
-            runs, _ = hints.drain()
-            collected.update(runs)
+            folders, _ = hints.drain()
+            collected.update(folders)
             return wdir in collected
 
         assert wait_for(got)
@@ -119,20 +158,20 @@ def test_observer_hints_the_weights_dir_and_ignores_own_files(tmp_path: Path) ->
         w.stop()
 
 
-def test_every_scanned_folder_is_really_watched(tmp_path: Path) -> None:
-    """With inotify's limit not reached, the kernel's own list covers every weights folder."""
+def test_every_run_folder_is_really_watched(tmp_path: Path) -> None:
+    """With inotify's limit not reached, the kernel's own list covers every run folder."""
     root = tmp_path / "runs"
     for i in range(20):
         (root / f"train/r{i}/weights").mkdir(parents=True)
-    w = watcher.Watcher(root, PATTERNS, ("last.pt",), watcher.Hints(threading.Event()), ignore=[],
-                        warn=lambda m: None)
+        (root / f"train/r{i}/weights/last.pt").write_bytes(b"x")
+    w = watcher.Watcher(root, watcher.Hints(threading.Event()), ignore=[], warn=lambda m: None)
     w.start()
     try:
         watched = watcher.watched_inodes()
         assert watched is not None
-        dirs = list(watcher.find_weights_dirs(root, PATTERNS))
-        assert len(dirs) == 20 and watcher.unwatched(dirs, watched) == []
-        assert watcher.unwatched(dirs, set()) == dirs
+        runs = list(discover.find_runs(where(root)))
+        assert len(runs) == 20 and watcher.unwatched(runs, watched) == []
+        assert watcher.unwatched(runs, set()) == runs
     finally:
         w.stop()
 

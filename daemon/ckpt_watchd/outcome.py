@@ -14,6 +14,8 @@ STRIPPED = "stripped"
 SKIPPED = "skipped"
 WOULD_STRIP = "would_strip"
 FAILED = "failed"
+# what a kill mid-save left (a checkpoint folder without its trainer_state.json): left as it is
+INCOMPLETE = "incomplete"
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,10 +5,15 @@ drain, daemon.stopped). `step(now, wall)` does one round of work and returns the
 tests drive it with a fake clock, a fake pool and no threads; `run()` only sleeps until that deadline
 or a wake-up. Everything it learns from other threads arrives through `Hints` and the outcome queue;
 who wrote which run it reads itself, from the fanotify listener (`writers`), in each round.
+
+A run is the trainer's output folder (`discover`): it is finished when nothing in it changed for
+its quiet period and no process still writes it; then each of its units (a checkpoint file, or a
+checkpoint folder) is stripped in a worker.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import queue
 import signal
@@ -17,19 +22,20 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import structlog
 
 from ckpt_watchd.engine import atomic
+from ckpt_watchd.engine.profiles import common
 from ckpt_watchd.errors import FINAL_KINDS, StartupError
-from ckpt_watchd.outcome import FAILED, STRIPPED, WOULD_STRIP, Outcome
+from ckpt_watchd.outcome import FAILED, INCOMPLETE, STRIPPED, WOULD_STRIP, Outcome
 from ckpt_watchd.records import audit
 from ckpt_watchd.records.state import GIVEN_UP, StateStore
 from ckpt_watchd.settings import Settings
-from ckpt_watchd.watch import paths, watcher
-from ckpt_watchd.watch.tracker import DONE, SETTLING, Tracker
+from ckpt_watchd.watch import discover, paths, series, watcher
+from ckpt_watchd.watch.tracker import DONE, SETTLING, Observation, Tracker
 from ckpt_watchd.watch.writers import WriterWatch
 from ckpt_watchd.worker import StripJob
 
@@ -37,6 +43,8 @@ log = structlog.get_logger("ckpt_watchd.service")
 
 # Outcomes that mean "a trainer is (or was just) writing": not an error, look again later.
 _ACTIVE_KINDS = frozenset({"torn", "changed"})
+# ... and those that, with the file gone, mean the trainer deleted it (a rotation)
+_VANISH_KINDS = frozenset({"changed", "not_a_file", "torn", "unreadable"})
 _POLL_FALLBACK = 30.0
 # Start a worker this long before the first settling run is due (less than the pool's idle exit).
 _PREWARM_S = 60.0
@@ -49,7 +57,7 @@ class WriterSource(Protocol):
 
     error: str | None
 
-    def watch(self, folder: Path) -> None: ...
+    def watch(self, folder: Path, run: Path | None = None) -> None: ...
     def drain(self) -> None: ...
     def live(self, folder: Path) -> int | None: ...
     def forget(self, folder: Path) -> None: ...
@@ -68,9 +76,9 @@ class Pool(Protocol):
 
 @dataclass(slots=True)
 class _RunWork:
-    """One finished run being stripped: which files are still out, and how they went."""
+    """One finished run being stripped: which units are still out, and how they went."""
 
-    files: dict[str, tuple[int, int, int]]  # path -> fingerprint when submitted
+    files: dict[str, tuple[int, int, int]]  # unit path -> fingerprint when submitted
     outcomes: list[Outcome] = field(default_factory=list)
     claims: dict[str, Any] = field(default_factory=dict)
     again: bool = False
@@ -81,8 +89,8 @@ class Service:
                  pool_factory: Callable[[Callable[[StripJob, Outcome], None]], Pool],
                  hints: watcher.Hints | None = None, wake: threading.Event | None = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 probe: Callable[[Path], watcher.Probe] | None = None,
-                 find: Callable[..., Iterable[Path]] = watcher.find_weights_dirs,
+                 probe: Callable[[Path], discover.Probe] | None = None,
+                 find: Callable[..., Iterable[Path]] | None = None,
                  cadence: Callable[[Path, float | None], float | None] = watcher.cadence_hint,
                  in_use: Callable[[Path], int | None] = watcher.run_in_use,
                  claimer: Any = None, notifier: Any = None, metrics: Any = None,
@@ -96,8 +104,16 @@ class Service:
         self.outcomes: queue.SimpleQueue[tuple[StripJob, Outcome]] = queue.SimpleQueue()
         self.pool = pool_factory(self._on_done)
         self.tracker = Tracker(settle=settings.settle)
-        self._probe = probe or (lambda wdir: watcher.probe(wdir, settings.files))
-        self._find = find
+        # --strip-superseded: each superseded checkpoint of a live run settles on its own, for
+        # --settle (no cadence rule: the trainer will never write it again)
+        self.units = Tracker(settle=settings.settle, factor=0.0)
+        self._unit_run: dict[str, Path] = {}  # a superseded unit -> its run
+        self._unit_work: dict[str, tuple[tuple[int, int, int], Any]] = {}  # out: fp, claim
+        self._skip = [p for p in (settings.state_dir, settings.archive_dir) if p is not None]
+        self.where = discover.Where(settings.root, settings.pattern, settings.files,
+                                    skip=tuple(self._skip), max_depth=settings.max_depth)
+        self._probe = probe or (lambda run: discover.probe(run, self.where))
+        self._find = find or self._find_runs
         self._cadence = cadence
         self._in_use = in_use
         self.writers = writers
@@ -110,13 +126,14 @@ class Service:
         self.stop_event = threading.Event()
         self.urgent = threading.Event()  # outcomes and stop requests end a coalescing pause
         self.reopen_requested = False
-        self.work: dict[Path, _RunWork] = {}  # weights dir -> its files out for stripping
+        self.work: dict[Path, _RunWork] = {}  # run -> its units out for stripping
+        self._run_of: dict[Path, Path] = {}  # a folder of a known run -> that run
+        self._marked: dict[Path, set[Path]] = {}  # run -> its folders the writer watch follows
         self.counts = {"stripped": 0, "skipped": 0, "failed": 0, "would_strip": 0,
                        "bytes_saved": 0, "runs_finished": 0}
         self.watcher: watcher.Watcher | None = None
         self.next_reconcile = 0.0
         self.last_reconcile_wall: float | None = None
-        self._skip = [p for p in (settings.state_dir, settings.archive_dir) if p is not None]
         self._sigints = 0
         self._restarts_seen = 0
         self._status_sent = ""
@@ -142,18 +159,24 @@ class Service:
         if self.writers is not None:
             self.writers.drain()  # keep the kernel's queue short; live() drains again
             self._check_writers()
-        runs, subtrees = self.hints.drain()
+        folders, subtrees = self.hints.drain()
+        runs: set[Path] = set()
         for sub in subtrees:
             runs.update(self._runs_under(sub))
+        for folder in folders:
+            runs.update(self._runs_of(folder))
         if now >= self.next_reconcile:
             runs.update(self.reconcile(now, wall))
-        for wdir in runs:
-            self._observe(wdir, now, wall)
+        for run in runs:
+            self._observe(run, now, wall)
         if not self.stop_event.is_set():
             for key in self.tracker.due(now):
                 self._start_run(Path(key), now, wall)
+            for key in self.units.due(now):
+                self._start_unit(key, now, wall)
             self._retry_due(now, wall)
-        first_due = self.tracker.next_deadline()
+        first_due = min((d for d in (self.tracker.next_deadline(), self.units.next_deadline())
+                         if d is not None), default=None)
         warm_at = None
         if first_due is not None:
             warm_at = first_due - _PREWARM_S
@@ -178,12 +201,30 @@ class Service:
     def _wall_to_mono(at: float | None, now: float, wall: float) -> float | None:
         return None if at is None else now + (at - wall)
 
+    def _find_runs(self, below: Path | None = None, depth: int | None = None) -> Iterable[Path]:
+        return discover.find_runs(self.where, below=below, depth=depth).keys()
+
     def _runs_under(self, folder: Path) -> set[Path]:
-        return set(self._find(self.s.root, self.s.pattern, below=folder, skip=self._skip))
+        return set(self._find(below=folder))
+
+    def _runs_of(self, folder: Path) -> set[Path]:
+        """The run a changed folder belongs to: a known run above it, or what it holds itself."""
+        run = self._run_of.get(folder)
+        if run is not None:
+            return {run}
+        known = self.tracker.runs()
+        for above in (folder, *folder.parents):
+            if str(above) in known:
+                self._run_of[folder] = above
+                return {above}
+            if above == self.s.root:
+                break
+        # not (yet) inside a run we follow: a new unit folder says which run it belongs to
+        return set(self._find(below=folder, depth=0))
 
     def reconcile(self, now: float, wall: float) -> set[Path]:
-        """Every weights folder on disk now; runs we track that vanished are forgotten."""
-        found = set(self._find(self.s.root, self.s.pattern, skip=self._skip))
+        """Every run on disk now; runs we track that vanished are forgotten."""
+        found = set(self._find())
         interval = self.s.rescan_interval
         if self.s.poll is not None:
             interval = self.s.poll
@@ -193,7 +234,7 @@ class Service:
             interval = min(interval, _POLL_FALLBACK)
         self.next_reconcile = now + interval
         for run in self.tracker.runs():
-            if Path(run) not in found and not os.path.lexists(run):
+            if Path(run) not in found:  # deleted, or nothing of a trainer's left in it
                 self._forget(Path(run), wall)
         self.last_reconcile_wall = wall
         if self.metrics is not None:
@@ -208,37 +249,44 @@ class Service:
         missing = watcher.unwatched(found, watched)
         if missing and not self._unwatched_warned:
             self._unwatched_warned = True
-            self.warn(f"inotify watches {len(found) - len(missing)} of {len(found)} weights folders "
+            self.warn(f"inotify watches {len(found) - len(missing)} of {len(found)} run folders "
                       f"(e.g. not {missing[0]}): fs.inotify.max_user_watches is too low; polling "
                       f"the unwatched ones every {_POLL_FALLBACK:g}s")
         return bool(missing)
 
-    def _forget(self, wdir: Path, wall: float) -> None:
-        self.tracker.forget(str(wdir))
+    def _forget(self, run: Path, wall: float) -> None:
+        self.tracker.forget(str(run))
+        for path in [p for p, r in self._unit_run.items() if r == run]:
+            self.units.forget(path)
+            if path not in self._unit_work:
+                del self._unit_run[path]
         if self.writers is not None:
-            self.writers.forget(wdir)
-        self.store.forget_run(str(wdir.parent))
-        self.auditor.emit(audit.RUN_FORGOTTEN, run=str(wdir.parent))
+            self.writers.forget(run)
+        self._marked.pop(run, None)
+        for folder in [f for f, r in self._run_of.items() if r == run]:
+            del self._run_of[folder]
+        self.store.forget_run(str(run))
+        self.auditor.emit(audit.RUN_FORGOTTEN, run=str(run))
 
-    def _observe(self, wdir: Path, now: float, wall: float) -> None:
-        key, run = str(wdir), str(wdir.parent)
-        if not os.path.lexists(wdir):
+    def _observe(self, run: Path, now: float, wall: float) -> None:
+        key = str(run)
+        if not os.path.lexists(run):
             if key in self.tracker.runs():
-                self._forget(wdir, wall)
+                self._forget(run, wall)
             return
-        rel = paths.relative_to(wdir.parent, self.s.root)
+        rel = paths.relative_to(run, self.s.root)
         if rel is None or paths.is_excluded(rel, self.s.exclude):
             return
-        p = self._probe(wdir)
+        p = self._probe(run)
+        self._follow(run, p)
         known = self.tracker.view(key, now)
         if known is None:
-            self._watch_writers(wdir)
-            row = self.store.get_run(run)
+            row = self.store.get_run(key)
             if row is None:
-                self.auditor.emit(audit.RUN_DISCOVERED, run=run)
+                self.auditor.emit(audit.RUN_DISCOVERED, run=key)
                 if not self.s.dry_run:
-                    self.store.upsert_run(run, state="watching", now=wall)
-            hint = self._cadence(wdir.parent, p.newest_mtime)
+                    self.store.upsert_run(key, state="watching", now=wall)
+            hint = self._cadence(run, p.newest_mtime)
             stored = row.cadence_s if row is not None else None
             hints = [h for h in (hint, stored) if h is not None]
             age = None if p.newest_mtime is None else wall - p.newest_mtime
@@ -246,45 +294,127 @@ class Service:
                                  cadence_hint=max(hints) if hints else None)
         else:
             self.tracker.observe(key, p.obs, now)
+        if self.s.strip_superseded:
+            self._observe_superseded(run, p, now, wall)
+
+    def _follow(self, run: Path, p: discover.Probe) -> None:
+        """Remember the run's folders (events there are the run's) and follow their writers."""
+        marked = self._marked.setdefault(run, set())
+        for folder in p.folders:
+            self._run_of[folder] = run
+            if folder not in marked:
+                marked.add(folder)
+                if self.writers is not None:
+                    self.writers.watch(folder, run)
+        if self.writers is not None:
+            self._check_writers()
+
+    # ------------------------------------------------------------------ superseded units
+
+    def _observe_superseded(self, run: Path, p: discover.Probe, now: float, wall: float) -> None:
+        """Let each superseded checkpoint of a run that still trains settle on its own."""
+        view = self.tracker.view(str(run), now)
+        if view is None or view.phase != SETTLING or run in self.work:
+            return  # not training (finished runs are stripped whole), or not watched
+        rel = {str(u.path): str(u.path.relative_to(self.s.root)) for u in p.units}
+        members = [series.Member(rel[str(u.path)], u.unit.series, u.unit.index,
+                                 u.unit.rewritten,
+                                 tuple(str(a.relative_to(self.s.root)) for a in u.also))
+                   for u in p.units if u.fingerprint is not None]
+        old = series.superseded(members, self.s.keep_resumable)
+        wanted = {str(u.path): u for u in p.units if rel[str(u.path)] in old}
+        for path, run_of in list(self._unit_run.items()):
+            if run_of == run and path not in wanted and path not in self._unit_work:
+                self.units.forget(path)  # gone (rotated away) or no longer superseded
+                del self._unit_run[path]
+        for path, u in wanted.items():
+            fp = u.fingerprint
+            assert fp is not None
+            if path in self._unit_work or self.store.already_done(path, fp, dry_run=self.s.dry_run) \
+                    or self.store.given_up_on(path, fp):
+                continue
+            self._unit_run[path] = run
+            # quiet since its last write (a daemon started mid-training need not wait again)
+            self.units.observe(path, Observation((fp,), fp[2]), now,
+                               age=max(0.0, wall - fp[2] / 1e9))
+
+    def _start_unit(self, path: str, now: float, wall: float) -> None:
+        run = self._unit_run.get(path)
+        if run is None or run in self.work:
+            self.units.forget(path)
+            return
+        u = next((u for u in self._probe(run).units if str(u.path) == path), None)
+        if u is None or u.fingerprint is None:
+            self.units.forget(path)
+            self._unit_run.pop(path, None)
+            return
+        view = self.units.view(path, now)
+        if view is None or (u.fingerprint,) != self.units.observed_key(path):
+            self.units.observe(path, Observation((u.fingerprint,), u.fingerprint[2]), now)
+            return  # changed since it was seen: it settles again
+        claims, elsewhere = self._claim([path], wall)
+        if elsewhere:
+            self.units.look_again(path, now)
+            return
+        self._unit_work[path] = (u.fingerprint, claims.get(path))
+        self.auditor.emit(audit.CKPT_SUPERSEDED, path=path, run=str(run),
+                          keep_resumable=self.s.keep_resumable)
+        self._submit(run, u, 1)
+
+    def _handle_unit(self, job: StripJob, outcome: Outcome, now: float, wall: float) -> None:
+        fp, claim = self._unit_work.pop(job.path)
+        if claim is not None:
+            claim.release()
+        run = self._unit_run.pop(job.path, Path(job.run or "."))
+        self._record(job, outcome, run, fp, now, wall, active=self._is_activity(job.path, fp,
+                                                                                 outcome))
+        p = self._probe(run)
+        self.tracker.own_write(str(run), p.obs.key)  # our rewrite is no sign of training
+        done = next((u for u in p.units if str(u.path) == job.path), None)
+        if outcome.status == STRIPPED and done is not None and done.fingerprint is not None:
+            self.units.finished(job.path, (done.fingerprint,))
+        else:
+            self.units.forget(job.path)
 
     # ------------------------------------------------------------------ a finished run
 
-    def _start_run(self, wdir: Path, now: float, wall: float) -> None:
-        key, run = str(wdir), str(wdir.parent)
+    def _start_run(self, run: Path, now: float, wall: float) -> None:
+        key = str(run)
         view = self.tracker.view(key, now)
-        p = self._probe(wdir)
+        p = self._probe(run)
         if p.kept:
             self.tracker.finished(key, p.obs.key)
             if not self.s.dry_run:
-                self.store.upsert_run(run, state="kept", now=wall, reason=paths.KEEP_MARKER)
-            self.auditor.emit(audit.RUN_KEPT, run=run, reason=f"{paths.KEEP_MARKER} present")
+                self.store.upsert_run(key, state="kept", now=wall, reason=paths.KEEP_MARKER)
+            self.auditor.emit(audit.RUN_KEPT, run=key, reason=f"{paths.KEEP_MARKER} present")
             return
-        todo: dict[str, tuple[int, int, int]] = {}
+        self._report_leftovers(key, p, wall)
+        todo: dict[str, discover.UnitState] = {}
         attempts: dict[str, int] = {}
-        for name, _kind, ino, size, mtime_ns in p.files:
-            path = str(wdir / name)
-            fp = (ino, size, mtime_ns)
+        for u in self._units_to_strip(p):
+            path, fp = str(u.path), u.fingerprint
+            assert fp is not None
             if self.store.already_done(path, fp, dry_run=self.s.dry_run) or \
                     self.store.given_up_on(path, fp):
                 continue
             row = self.store.checkpoint(path)
             attempts[path] = (row.attempts + 1 if row is not None and row.status == FAILED
                               and row.fingerprint in (None, fp) else 1)
-            todo[path] = fp
+            todo[path] = u
         if not todo:
             self.tracker.finished(key, p.obs.key)
-            self._record_done(run, wall)
+            self._record_done(key, wall)
             return
         # only now, with work to do, look for a live writer (a /proc scan, ~ms)
-        busy = self._live_writer(wdir)
+        busy = self._live_writer(run)
         if busy is not None:
             # quiet files, but the trainer is still there: a slow epoch
-            if run not in self._busy_reported:
-                self._busy_reported.add(run)
-                self.auditor.emit(audit.RUN_BUSY, run=run, pid=busy[0], reason=busy[1])
+            if key not in self._busy_reported:
+                self._busy_reported.add(key)
+                self.auditor.emit(audit.RUN_BUSY, run=key, pid=busy[0], reason=busy[1])
             self.tracker.look_again(key, now)
             return
-        self._busy_reported.discard(run)
+        self._busy_reported.discard(key)
         claims, elsewhere = self._claim(todo, wall)
         todo = {k: v for k, v in todo.items() if k not in elsewhere}
         if not todo:  # another daemon on this shared root has them all: look again later
@@ -292,30 +422,59 @@ class Service:
             return
         quiet = view.quiet_s if view else self.s.settle
         cadence = view.cadence_s if view else 0.0
-        self.auditor.emit(audit.RUN_FINISHED, run=run, quiet_s=round(quiet, 3),
+        self.auditor.emit(audit.RUN_FINISHED, run=key, quiet_s=round(quiet, 3),
                           cadence_s=round(cadence, 3), files=sorted(todo))
         if not self.s.dry_run:
-            self.store.upsert_run(run, state="finished", now=wall, cadence_s=cadence)
+            self.store.upsert_run(key, state="finished", now=wall, cadence_s=cadence)
         self.counts["runs_finished"] += 1
-        self.work[wdir] = _RunWork(files=dict(todo), claims=claims, again=bool(elsewhere))
-        for path in sorted(todo, key=lambda s: not s.endswith("last.pt")):
-            self._submit(path, attempts[path])
+        fps = {path: u.fingerprint for path, u in todo.items() if u.fingerprint is not None}
+        self.work[run] = _RunWork(files=fps, claims=claims, again=bool(elsewhere))
+        # what a resume would start from (last.pt, last.ckpt) first, then what is written again
+        for path, u in sorted(todo.items(), key=lambda kv: (
+                not kv[1].path.name.startswith("last"), not kv[1].unit.rewritten, kv[0])):
+            self._submit(run, u, attempts[path])
 
-    def _live_writer(self, wdir: Path) -> tuple[int, str] | None:
+    @staticmethod
+    def _units_to_strip(p: discover.Probe) -> list[discover.UnitState]:
+        """The run's units that are there, one per file: hard-linked names go with their first."""
+        out, inodes = [], set()
+        for u in sorted(p.units, key=lambda u: str(u.path)):
+            if u.fingerprint is None:
+                continue
+            if u.kind == common.FILE:
+                if u.fingerprint[0] in inodes:
+                    continue
+                inodes.add(u.fingerprint[0])
+            out.append(u)
+        return out
+
+    def _report_leftovers(self, run: str, p: discover.Probe, wall: float) -> None:
+        """A kill mid-save leaves files that are no checkpoint (tmp.pth.tar): say so, once."""
+        for rel in p.incomplete:
+            path = self.s.root / rel
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            fp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if self.store.given_up_on(str(path), fp):
+                continue
+            why = "a leftover of a save that did not finish (the trainer was killed mid-save?)"
+            self.auditor.emit(audit.CKPT_INCOMPLETE, path=str(path), run=run, reason=why)
+            if not self.s.dry_run:
+                self.store.give_up(str(path), run=run, now=wall, attempt=1,
+                                   error_type="incomplete", error=why, fingerprint=fp)
+
+    def _live_writer(self, run: Path) -> tuple[int, str] | None:
         """(pid, why) of a process that shows the run is still training, else None."""
         if self.writers is not None:  # a dict lookup and one /proc read: before the /proc scan
-            pid = self.writers.live(wdir)
+            pid = self.writers.live(run)
             if pid is not None:
                 return pid, "quiet, but the process that last wrote its checkpoints still runs"
-        pid = self._in_use(wdir.parent)
+        pid = self._in_use(run)
         if pid is not None:
             return pid, "quiet, but a process still has files in the run open"
         return None
-
-    def _watch_writers(self, wdir: Path) -> None:
-        if self.writers is not None:
-            self.writers.watch(wdir)
-            self._check_writers()
 
     def _check_writers(self) -> None:
         assert self.writers is not None
@@ -329,7 +488,8 @@ class Service:
         row = self.store.get_run(run)
         if self.s.dry_run or row is None or row.state in ("stripped", "failed", "kept"):
             return
-        failed = [c for c in self.store.checkpoints_of(run) if c.status == GIVEN_UP]
+        failed = [c for c in self.store.checkpoints_of(run)
+                  if c.status == GIVEN_UP and c.error_type != "incomplete"]
         self.store.upsert_run(run, state="failed" if failed else "stripped", now=wall,
                               reason=failed[0].error if failed else None)
 
@@ -347,20 +507,25 @@ class Service:
                 claims[path] = claim
         return claims, elsewhere
 
-    def _submit(self, path: str, attempt: int) -> None:
+    def _submit(self, run: Path, u: discover.UnitState, attempt: int) -> None:
         self.pool.submit(StripJob(
-            path=path, dry_run=self.s.dry_run, hashes=True, attempt=attempt, root=str(self.s.root),
+            path=str(u.path), run=str(run), kind=u.kind, profile=u.unit.profile,
+            also=tuple(str(a) for a in u.also), dry_run=self.s.dry_run, hashes=True,
+            attempt=attempt, root=str(self.s.root),
             archive_dir=str(self.s.archive_dir) if self.s.archive_dir else None))
 
     def _handle(self, job: StripJob, outcome: Outcome, now: float, wall: float) -> None:
-        wdir = Path(job.path).parent
-        work = self.work.get(wdir)
+        if job.path in self._unit_work:
+            self._handle_unit(job, outcome, now, wall)
+            return
+        run = Path(job.run) if job.run else Path(job.path).parent
+        work = self.work.get(run)
         fp = work.files.get(job.path) if work else None
         claim = work.claims.pop(job.path, None) if work else None
         if claim is not None:
             claim.release()
         active = self._is_activity(job.path, fp, outcome)
-        self._record(job, outcome, wdir.parent, fp, now, wall, active)
+        self._record(job, outcome, run, fp, now, wall, active)
         if work is None:
             return
         work.outcomes.append(outcome)
@@ -368,7 +533,7 @@ class Service:
         if active:
             work.again = True
         if not work.files:
-            self._end_run(wdir, work, now, wall)
+            self._end_run(run, work, now, wall)
 
     def _is_activity(self, path: str, fp: tuple[int, int, int] | None, o: Outcome) -> bool:
         """A torn or changing file means a trainer is writing: look again, do not count a failure.
@@ -389,6 +554,12 @@ class Service:
         r = str(run)
         if self.metrics is not None:
             self.metrics.record_outcome(o)
+        if o.status == FAILED and o.error_type in _VANISH_KINDS and not self._still_there(run, o):
+            # the trainer deleted it meanwhile (save_total_limit, max_history, save_top_k): not
+            # an error; nothing of ours is left behind (the worker removed its temp file)
+            self.auditor.emit(audit.CKPT_VANISHED, path=o.path, run=r, reason=o.error)
+            self.counts["vanished"] = self.counts.get("vanished", 0) + 1
+            return
         if active:
             # a trainer is writing: not an error, the run settles again
             self.auditor.emit(audit.CKPT_SKIPPED, path=o.path, run=r,
@@ -399,6 +570,16 @@ class Service:
             self.auditor.emit(audit.CKPT_FAILED, path=o.path, run=r, error_type="cancelled",
                               error=o.error, attempt=job.attempt)
             return  # not an attempt: the next start looks at it again
+        if o.status == INCOMPLETE or (o.status == FAILED and o.error_type == "torn"):
+            # a torn file still torn a quiet period later, an incomplete checkpoint folder: what
+            # a kill mid-save leaves. Reported once, left as it is; the rest of the run goes on.
+            why = o.reason or o.error or "incomplete"
+            self.auditor.emit(audit.CKPT_INCOMPLETE, path=o.path, run=r, reason=why)
+            if not self.s.dry_run:
+                self.store.give_up(o.path, run=r, now=wall, attempt=job.attempt,
+                                   error_type="incomplete", error=why, fingerprint=fp)
+            self.counts["incomplete"] = self.counts.get("incomplete", 0) + 1
+            return
         event, fields = audit.outcome_event(o, run=r, attempt=job.attempt)
         if o.status == FAILED:
             final = (job.attempt >= self.s.max_attempts or self.s.dry_run
@@ -422,17 +603,20 @@ class Service:
         if o.status == STRIPPED and o.bytes_before and o.bytes_after:
             self.counts["bytes_saved"] += o.bytes_before - o.bytes_after
 
-    def _end_run(self, wdir: Path, work: _RunWork, now: float, wall: float) -> None:
-        self.work.pop(wdir, None)
+    def _still_there(self, run: Path, o: Outcome) -> bool:
+        return any(str(u.path) == o.path for u in self._probe(run).units)
+
+    def _end_run(self, run_dir: Path, work: _RunWork, now: float, wall: float) -> None:
+        self.work.pop(run_dir, None)
         if work.again:
-            self.tracker.look_again(str(wdir), now)
+            self.tracker.look_again(str(run_dir), now)
             return
-        self.tracker.finished(str(wdir), self._probe(wdir).obs.key)
+        self.tracker.finished(str(run_dir), self._probe(run_dir).obs.key)
         if self.s.dry_run:
             return
-        failed = [o for o in work.outcomes if o.status == FAILED]
+        failed = [o for o in work.outcomes if o.status == FAILED and o.error_type != "torn"]
         stripped = [o for o in work.outcomes if o.status == STRIPPED]
-        run = str(wdir.parent)
+        run = str(run_dir)
         self.store.upsert_run(run, state="failed" if failed else "stripped", now=wall,
                               reason=failed[0].error if failed else None)
         if stripped and self.s.on_stripped:
@@ -462,24 +646,25 @@ class Service:
         if self.s.once:
             return
         for row in self.store.retries_due(wall):
-            wdir = Path(row.path).parent
-            if wdir in self.work:
+            run = Path(row.run)
+            if run in self.work:
                 continue
-            view = self.tracker.view(str(wdir), now)
+            view = self.tracker.view(str(run), now)
             if view is None or view.phase != DONE:
                 continue  # written again, or not seen yet: the settle path takes it from here
-            p = self._probe(wdir)
-            match = [f for f in p.files if str(wdir / f[0]) == row.path]
-            self.tracker.observe(str(wdir), p.obs, now)
-            if not match or not self.tracker.hand(str(wdir)):
+            p = self._probe(run)
+            match = [u for u in p.units if str(u.path) == row.path and u.fingerprint is not None]
+            self.tracker.observe(str(run), p.obs, now)
+            if not match or not self.tracker.hand(str(run)):
                 continue  # gone, or changed since: it settles again first
-            _n, _k, ino, size, mtime_ns = match[0]
             claims, elsewhere = self._claim([row.path], wall)
             if elsewhere:
-                self.tracker.look_again(str(wdir), now)
+                self.tracker.look_again(str(run), now)
                 continue
-            self.work[wdir] = _RunWork(files={row.path: (ino, size, mtime_ns)}, claims=claims)
-            self._submit(row.path, row.attempts + 1)
+            fp = match[0].fingerprint
+            assert fp is not None
+            self.work[run] = _RunWork(files={row.path: fp}, claims=claims)
+            self._submit(run, match[0], row.attempts + 1)
 
     # ------------------------------------------------------------------ reporting
 
@@ -534,22 +719,55 @@ class Service:
         now, wall = self.clock(), self.wall()
         self.auditor.emit(audit.DAEMON_STARTED, root=str(self.s.root), pid=os.getpid(),
                           settings=self.s.as_dict(), writer_pids=self._writers_how)
-        self.watcher = watcher.Watcher(self.s.root, self.s.pattern, self.s.files, self.hints,
-                                       ignore=self._skip, warn=self.warn)
+        self.watcher = watcher.Watcher(self.s.root, self.hints, ignore=self._skip, warn=self.warn)
         if self.s.poll is None and not self.s.once:
             self.watcher.start()
         else:
             self.watcher.mode = "polling"
         runs = self.reconcile(now, wall)
+        probes = {run: self._probe(run) for run in runs}
         if not self.s.dry_run:
-            for wdir in runs:
-                for tmp in atomic.remove_stale_temps(wdir):
-                    log.info("removed stale temp file", path=str(tmp))
-                self._clear_abandoned_claims(wdir, wall)
+            for p in probes.values():
+                self._finish_folder_strips(p)
+                for folder in p.folders:
+                    for tmp in atomic.remove_stale_temps(folder):
+                        log.info("removed stale temp file", path=str(tmp))
+                    self._clear_abandoned_claims(folder, wall)
+        self._warn_unmatched(probes.values())
         for run in runs:
             self._observe(run, now, wall)
 
-    def _clear_abandoned_claims(self, wdir: Path, wall: float) -> None:
+    def _warn_unmatched(self, probes: Iterable[discover.Probe]) -> None:
+        """A --files glob or --pattern of the user's that matched nothing anywhere: say so."""
+        from ckpt_watchd.settings import DEFAULT_FILES, DEFAULT_PATTERNS
+
+        yolo = [PurePosixPath(u.unit.rel) for p in probes for u in p.units
+                if u.unit.profile == "yolov5"]
+        if tuple(self.s.files) != DEFAULT_FILES:
+            for glob in self.s.files:
+                if not any(fnmatch.fnmatchcase(u.name, glob) for u in yolo):
+                    self.warn(f"--files {glob!r} matched no checkpoint in any run under "
+                              f"{self.s.root} (the glob is matched against file names in the "
+                              f"weights folders --pattern finds)")
+        if tuple(self.s.pattern) != DEFAULT_PATTERNS:
+            for pattern in self.s.pattern:
+                if not any(paths.is_weights_dir(u.parent, [pattern]) for u in yolo):
+                    self.warn(f"--pattern {pattern!r} matched no weights folder with "
+                              f"checkpoints under {self.s.root}")
+
+    def _finish_folder_strips(self, p: discover.Probe) -> None:
+        """A folder strip a kill interrupted is rolled back or finished (its journal says which)."""
+        units = [u for u in p.units if u.kind == common.FOLDER]
+        if not units:
+            return
+        from ckpt_watchd.engine import folder
+
+        for u in units:
+            done = folder.replay(u.path)
+            if done is not None:
+                log.info("finished an interrupted folder strip", path=str(u.path), result=done)
+
+    def _clear_abandoned_claims(self, folder: Path, wall: float) -> None:
         """Claims a killed daemon left on files it had finished: take each over and release it.
 
         First the graves and breakers it left mid-removal go (claim.sweep).
@@ -561,16 +779,16 @@ class Service:
         from ckpt_watchd.records import claim as claims
         from ckpt_watchd.records.claim import CLAIM_PREFIX
 
-        for debris in claims.sweep(wdir, host=socket.gethostname(), now=wall,
+        for debris in claims.sweep(folder, host=socket.gethostname(), now=wall,
                                    stale_after=self.s.claim_timeout):
             log.info("removed a killed daemon's claim debris", path=str(debris))
         try:
-            names = [e.name for e in os.scandir(wdir)
+            names = [e.name for e in os.scandir(folder)
                      if e.name.startswith(CLAIM_PREFIX) and e.name.endswith(".lock")]
         except OSError:
             return
         for name in names:
-            claim = self.claimer(wdir / name[len(CLAIM_PREFIX):-len(".lock")], wall)
+            claim = self.claimer(folder / name[len(CLAIM_PREFIX):-len(".lock")], wall)
             if claim is not None:
                 claim.release()
 
@@ -616,7 +834,7 @@ class Service:
         if self.watcher is not None:
             self.watcher.stop()
         for job in self.pool.shutdown(self.s.drain_timeout):  # never started: give claims back
-            work = self.work.get(Path(job.path).parent)
+            work = self.work.get(Path(job.run) if job.run else Path(job.path).parent)
             claim = work.claims.pop(job.path, None) if work else None
             if claim is not None:
                 claim.release()

@@ -16,7 +16,8 @@ from typing import Any
 from ckpt_watchd.errors import StartupError
 
 DEFAULT_PATTERNS = ("train/*/weights", "*/*/weights")
-DEFAULT_FILES = ("last.pt", "best.pt")
+# last.pt and best.pt, and the --save-period snapshots epoch<N>.pt of both YOLO trainers
+DEFAULT_FILES = ("last.pt", "best.pt", "epoch*.pt")
 DEFAULT_CONFIG = Path("/etc/ckpt-watchd/config.toml")
 KEEP_MARKER = ".ckpt-watchd-keep"
 STATE_DIRNAME = ".ckpt-watchd"
@@ -35,9 +36,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("root", Path, None, "runs folder to watch (required)", "DIR"),
     Option("pattern", list, list(DEFAULT_PATTERNS),
            "glob, relative to the root, of run weights folders (repeatable)", "GLOB"),
-    Option("files", list, list(DEFAULT_FILES), "checkpoint file names to strip (repeatable)", "NAME"),
+    Option("files", list, list(DEFAULT_FILES), "checkpoint file names (globs) to strip in YOLO "
+           "weights folders (repeatable)", "GLOB"),
     Option("exclude", list, [], "glob of run folders (relative to the root) never touched "
            "(repeatable)", "GLOB"),
+    Option("max_depth", int, 6, "how many folders deep below the root runs are looked for", "N"),
     Option("settle", float, 600.0, "seconds last.pt must stay unchanged before a run counts as "
            "finished; the quiet period is max(settle, 3 x the longest gap seen between writes)",
            "SECONDS"),
@@ -60,6 +63,10 @@ OPTIONS: tuple[Option, ...] = (
            "with `ckpt-watchd restore`)", "DIR"),
     Option("once", bool, False, "scan, strip every run that is already quiet, then exit"),
     Option("dry_run", bool, False, "decide and audit what would happen; modify nothing"),
+    Option("strip_superseded", bool, False, "while a run trains, strip each checkpoint a newer one "
+           "of the same series replaced (epoch2.pt after epoch3.pt), once it is quiet"),
+    Option("keep_resumable", int, 1, "with --strip-superseded: the newest N of each series stay "
+           "untouched", "N"),
     Option("drain_timeout", float, 30.0, "seconds in-flight strips may finish after SIGTERM", "SECONDS"),
     Option("nice", int, 10, "CPU niceness of the worker processes (0-19)", "N"),
     Option("io_idle", bool, True, "run workers in the idle I/O scheduling class"),
@@ -82,6 +89,7 @@ class Settings:
     pattern: tuple[str, ...] = DEFAULT_PATTERNS
     files: tuple[str, ...] = DEFAULT_FILES
     exclude: tuple[str, ...] = ()
+    max_depth: int = 6
     settle: float = 600.0
     poll: float | None = None
     rescan_interval: float = 300.0
@@ -96,6 +104,8 @@ class Settings:
     archive_dir: Path | None = None
     once: bool = False
     dry_run: bool = False
+    strip_superseded: bool = False
+    keep_resumable: int = 1
     drain_timeout: float = 30.0
     nice: int = 10
     io_idle: bool = True
@@ -134,6 +144,10 @@ class Settings:
             raise bad("poll", f"must be > 0 (got {self.poll})")
         if self.workers < 1:
             raise bad("workers", f"must be >= 1 (got {self.workers})")
+        if not 1 <= self.max_depth <= 32:
+            raise bad("max_depth", f"must be 1..32 (got {self.max_depth})")
+        if self.keep_resumable < 0:
+            raise bad("keep_resumable", f"must be >= 0 (got {self.keep_resumable})")
         if self.max_attempts < 1:
             raise bad("max_attempts", f"must be >= 1 (got {self.max_attempts})")
         if not 0 <= self.nice <= 19:
@@ -149,7 +163,7 @@ class Settings:
                 raise bad("pattern", f"must be relative to the root, without '..' (got {p!r})")
         for f in self.files:
             if not f or "/" in f:
-                raise bad("files", f"must be a plain file name (got {f!r})")
+                raise bad("files", f"must be a file name or a glob of one, without '/' (got {f!r})")
         if self.metrics_addr is not None:
             _host, sep, port = self.metrics_addr.rpartition(":")
             if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:

@@ -40,7 +40,11 @@ _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE = 1, 4
 
 @dataclass(frozen=True, slots=True)
 class StripJob:
-    path: str
+    path: str  # a checkpoint file, or a checkpoint folder (kind "folder")
+    run: str | None = None  # the run folder it belongs to (the daemon's jobs)
+    kind: str = "file"
+    profile: str | None = None  # the profile that found it (a folder's strip rule)
+    also: tuple[str, ...] = ()  # other names of the same file (hard links): they follow it
     output: str | None = None
     dry_run: bool = False
     half: bool = False
@@ -131,6 +135,8 @@ def run_job(job: StripJob, *, on_torch: Callable[[], None] | None = None) -> Out
     """
     started = time.monotonic()
     try:
+        if job.kind == "folder":
+            return _strip_folder(job)
         with memory_cap() as cap:
             from ckpt_watchd.engine import source
 
@@ -151,7 +157,8 @@ def run_job(job: StripJob, *, on_torch: Callable[[], None] | None = None) -> Out
             outcome: Outcome = checkpoint.strip_file(
                 Path(job.path), output=Path(job.output) if job.output else None,
                 dry_run=job.dry_run, half=job.half, hashes=job.hashes,
-                before_replace=before_replace, opened=opened, need=cap.need)
+                before_replace=before_replace, opened=opened, need=cap.need,
+                also=tuple(Path(a) for a in job.also))
             return outcome
     except CheckpointError as e:
         return _failed(job, e.kind, e.message, started)
@@ -163,6 +170,17 @@ def run_job(job: StripJob, *, on_torch: Callable[[], None] | None = None) -> Out
         where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
         at = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
         return _failed(job, "internal", f"{type(e).__name__}: {e}{at}", started)
+
+
+def _strip_folder(job: StripJob) -> Outcome:
+    """A checkpoint folder: files removed, nothing unpickled (no torch, no memory cap needed)."""
+    from ckpt_watchd.engine import folder
+
+    outcome: Outcome = folder.strip_folder(
+        Path(job.path), profile=job.profile or "", dry_run=job.dry_run,
+        archive_dir=Path(job.archive_dir) if job.archive_dir else None,
+        root=Path(job.root) if job.root else None)
+    return outcome
 
 
 def _one_line(message: str) -> str:

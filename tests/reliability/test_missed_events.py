@@ -39,7 +39,7 @@ class DroppingHints(watcher.Hints):
         super().__init__(threading.Event())
         self.dropped = 0
 
-    def add_run(self, run: Path) -> None:
+    def add_folder(self, folder: Path) -> None:
         self.dropped += 1
 
     def add_subtree(self, folder: Path) -> None:

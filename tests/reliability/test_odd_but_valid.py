@@ -236,3 +236,21 @@ def test_a_run_folder_named_with_a_newline_forges_no_line_in_status_or_the_hook(
         files = env["CKPT_STRIPPED_FILES"].split("\n")
         assert len(files) == int(env["CKPT_STRIPPED_FILE_COUNT"]), env
         assert not any(f.startswith(FORGED) for f in files), env
+
+
+@pytest.mark.timeout(120)
+def test_an_epoch_too_long_to_print_strips_and_inspects_without_a_traceback(tmp_path: Path) -> None:
+    """An epoch of 10**5000 is data, not an attack: strip works, inspect reports (no traceback)."""
+    from fixtures import hostile as h
+
+    path = tmp_path / "runs" / "train" / "x" / "weights" / "last.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(h.torch_zip(h.pickle(h.sdict(epoch=h.integer(10**5000),
+                                                  model_state_dict=h.sdict(weight=h.tensor()),
+                                                  optimizer_state_dict=h.EMPTY_DICT))))
+    report = subprocess.run([sys.executable, "-m", "ckpt_watchd", "inspect", str(path)],
+                            capture_output=True, text=True, timeout=60, env=clean_env())
+    assert report.returncode == 0 and "Traceback" not in report.stdout + report.stderr
+    assert "epoch" in report.stdout and "1000000" not in report.stdout  # not printed whole
+    done = _strip(path, tmp_path)
+    assert done.returncode == 0 and "stripped (generic)" in done.stdout, done.stdout + done.stderr

@@ -184,6 +184,35 @@ def replace(tmp: Path, dest: Path) -> None:
     fsync_dir(dest.parent)
 
 
+def relink(target: Path, names: list[Path], ino: int, dev: int) -> list[Path]:
+    """Point each of `names` that still is inode (dev, ino) at `target` instead; what moved.
+
+    For the other hard links of a file just replaced by its stripped copy (timm links
+    last/checkpoint-N/model_best to one inode): each name is swapped atomically (a link to a
+    temp name, then os.replace), so no name ever points at nothing or at a fat copy we made.
+    A name that is another file by now (the trainer wrote it again) is left alone.
+    """
+    moved = []
+    for name in names:
+        try:
+            st = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        if (st.st_ino, st.st_dev) != (ino, dev):
+            continue
+        tmp = temp_path(name)
+        try:
+            os.link(target, tmp, follow_symlinks=False)
+            os.replace(tmp, name)
+        except OSError as e:
+            remove_quietly(tmp)
+            raise WriteFailed(f"cannot point the hard link {name.name} at the stripped file: "
+                              f"{describe_oserror(e)}") from None
+        fsync_dir(name.parent)
+        moved.append(name)
+    return moved
+
+
 def fsync_dir(directory: Path) -> None:
     fsync_path(directory, directory=True)
 

@@ -68,18 +68,21 @@ def strip_file(
     now: datetime.datetime | None = None,
     opened: source.Opened | None = None,
     need: source.Need = source._no_cap,
+    also: tuple[Path, ...] = (),
 ) -> Outcome:
     """Strip `path` in place (or into `output`). Returns stripped/skipped/would-strip, or raises.
 
     `opened` is the file already opened and scanned by `source.open_checkpoint` (closed here);
-    `need` raises the job's memory cap step by step (see worker.memory_cap).
+    `need` raises the job's memory cap step by step (see worker.memory_cap); `also` are other
+    names (hard links) of the same file, pointed at the stripped file after it replaced `path`.
     """
     with _gc_paused():
         if opened is None:
             opened = source.open_checkpoint(path, need=need)
         try:
             return _strip_file(path, output=output, dry_run=dry_run, half=half, hashes=hashes,
-                               before_replace=before_replace, now=now, opened=opened, need=need)
+                               before_replace=before_replace, now=now, opened=opened, need=need,
+                               also=also)
         finally:
             opened.close()
 
@@ -122,6 +125,7 @@ def _strip_file(
     now: datetime.datetime | None,
     opened: source.Opened,
     need: source.Need,
+    also: tuple[Path, ...] = (),
 ) -> Outcome:
     started = time.monotonic()
     path = Path(path)
@@ -168,6 +172,8 @@ def _strip_file(
         if before_replace is not None and dest == path:
             before_replace(path, facts)
         atomic.replace(tmp, dest)
+    if also and dest == path:
+        atomic.relink(dest, list(also), facts.ino, facts.dev)
     st = os.lstat(dest)
     return Outcome(status=STRIPPED, output=str(dest) if output is not None else None,
                    bytes_after=st.st_size, sha256_before=sha_before, sha256_after=sha_after,

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 import structlog
 
 from ckpt_watchd.errors import StartupError
-from ckpt_watchd.outcome import FAILED, SKIPPED, STRIPPED, WOULD_STRIP, Outcome
+from ckpt_watchd.outcome import FAILED, INCOMPLETE, SKIPPED, STRIPPED, WOULD_STRIP, Outcome
 
 DAEMON_STARTED = "daemon.started"
 DAEMON_STOPPED = "daemon.stopped"
@@ -31,6 +31,9 @@ CKPT_STRIPPED = "ckpt.stripped"
 CKPT_SKIPPED = "ckpt.skipped"
 CKPT_FAILED = "ckpt.failed"
 CKPT_WOULD_STRIP = "ckpt.would_strip"
+CKPT_INCOMPLETE = "ckpt.incomplete"
+CKPT_VANISHED = "ckpt.vanished"
+CKPT_SUPERSEDED = "ckpt.superseded"
 WARNING = "daemon.warning"
 
 _WARNING_EVENTS = frozenset({CKPT_FAILED, WARNING})
@@ -141,6 +144,8 @@ def outcome_event(outcome: Outcome, *, run: str, attempt: int) -> tuple[str, dic
                                   "bytes_before": o.bytes_before, "bytes_after": o.bytes_after}
     if o.status == SKIPPED:
         return CKPT_SKIPPED, {"path": o.path, "run": run, "reason": o.reason}
+    if o.status == INCOMPLETE:
+        return CKPT_INCOMPLETE, {"path": o.path, "run": run, "reason": o.reason}
     if o.status == FAILED:
         return CKPT_FAILED, {"path": o.path, "run": run, "error_type": o.error_type,
                              "error": o.error, "attempt": attempt}

@@ -22,8 +22,13 @@ def _parts(rel: str | PurePosixPath) -> tuple[str, ...]:
 
 
 def _match_parts(parts: Sequence[str], pattern: Sequence[str]) -> bool:
-    return len(parts) == len(pattern) and all(
-        fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pattern, strict=True))
+    """Glob match by path segment; `**` matches zero or more whole segments."""
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_match_parts(parts[i:], rest) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], head) and _match_parts(parts[1:], rest)
 
 
 def is_weights_dir(rel: str | PurePosixPath, patterns: Iterable[str]) -> bool:

@@ -98,6 +98,13 @@ class Tracker:
         r.phase = DONE
         r.obs = Observation(key, r.obs.mtime_ns)
 
+    def own_write(self, run: str, key: tuple[object, ...]) -> None:
+        """The caller itself changed some of the files (a superseded checkpoint stripped in a
+        live run): files with this `key` are the current state, not the trainer's activity."""
+        r = self._runs.get(run)
+        if r is not None and r.phase in (WATCHING, SETTLING):
+            r.obs = Observation(key, r.obs.mtime_ns)
+
     def hand(self, run: str) -> bool:
         """Take a DONE run back for one more try (a retry after a failure); False if not DONE."""
         r = self._runs.get(run)
@@ -140,6 +147,10 @@ class Tracker:
         quiet = max(self.settle, self.factor * r.cadence)
         left = max(0.0, r.last_change + quiet - now) if r.phase == SETTLING else None
         return RunView(r.phase, quiet, r.cadence, left)
+
+    def observed_key(self, run: str) -> tuple[object, ...] | None:
+        r = self._runs.get(run)
+        return None if r is None else r.obs.key
 
     def runs(self) -> list[str]:
         return list(self._runs)

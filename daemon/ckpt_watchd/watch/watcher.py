@@ -1,9 +1,9 @@
-"""Watchdog adapter and the filesystem scan; both only say *where* to look, never what happened.
+"""Watchdog adapter and the facts of a run's processes; both only say *where* to look.
 
-The observer thread turns events into run-folder hints (deduplicated, so an event storm costs one
-queue entry per run); the start-up scan and the periodic reconcile find weights folders with the same
-path rules. `probe` stats one run's checkpoint files. Nothing here decides anything or imports torch,
-and symlinks are never followed out of the root.
+The observer thread turns events into folder hints (deduplicated, so an event storm costs one
+queue entry per folder); `discover` finds the runs those folders belong to. `cadence_hint` reads a
+run's own records, `run_in_use` and `watched_inodes` the processes'. Nothing here decides anything
+or imports torch, and symlinks are never followed out of the root.
 """
 
 from __future__ import annotations
@@ -11,121 +11,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import stat
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from ckpt_watchd.engine.atomic import TEMP_PREFIX
 from ckpt_watchd.watch import paths, runfiles
-from ckpt_watchd.watch.tracker import Observation
 
 log = structlog.get_logger("ckpt_watchd.watch.watcher")
 
 _START_FILES = ("args.yaml", "opt.yaml", "hyp.yaml")
-
-
-# ------------------------------------------------------------------------------ scanning
-
-
-def find_weights_dirs(root: Path, patterns: Iterable[str], *, below: Path | None = None,
-                      skip: Iterable[Path] = ()) -> Iterator[Path]:
-    """Weights folders matching the patterns, under `below` (default: the whole root).
-
-    A level-by-level scandir walk that never follows symlinks and never descends into our own
-    state/archive folders or temp names.
-    """
-    skip_set = set(skip)
-    start = below or root
-    rel = paths.relative_to(start, root)
-    if rel is None:
-        return
-    rel_parts = "/".join(rel.parts)
-    todo = paths.remaining_patterns(rel_parts, patterns) if rel_parts else list(patterns)
-    if rel_parts and paths.is_weights_dir(rel_parts, patterns):
-        yield start
-    seen: set[Path] = set()
-    for pattern in todo:
-        for d in _walk_pattern(start, [p for p in pattern.split("/") if p], skip_set):
-            if d not in seen:
-                seen.add(d)
-                yield d
-
-
-def _walk_pattern(base: Path, parts: list[str], skip: set[Path]) -> Iterator[Path]:
-    import fnmatch
-
-    level = [base]
-    for i, part in enumerate(parts):
-        nxt = []
-        for d in level:
-            if not any(ch in part for ch in "*?["):
-                cand = d / part
-                if _is_real_dir(cand) and cand not in skip:
-                    nxt.append(cand)
-                continue
-            try:
-                entries = list(os.scandir(d))
-            except OSError:
-                continue
-            for e in entries:
-                if (e.name.startswith(TEMP_PREFIX) or not fnmatch.fnmatchcase(e.name, part)
-                        or not e.is_dir(follow_symlinks=False)):
-                    continue
-                p = Path(e.path)
-                if p not in skip:
-                    nxt.append(p)
-        level = nxt
-        if i == len(parts) - 1:
-            yield from level
-
-
-def _is_real_dir(p: Path) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(p).st_mode)
-    except OSError:
-        return False
-
-
-FileStat = tuple[str, str, int, int, int]  # name, "f" (regular) or "x", ino, size, mtime_ns
-
-
-@dataclass(frozen=True, slots=True)
-class Probe:
-    """One look at a weights folder: its checkpoint files now, and whether the run is kept."""
-
-    files: tuple[FileStat, ...]
-    newest_ns: int  # newest mtime among the files (0 when there are none)
-    kept: bool
-
-    @property
-    def obs(self) -> Observation:
-        return Observation(self.files, self.newest_ns)
-
-    @property
-    def newest_mtime(self) -> float | None:
-        """Wall-clock seconds of the newest write, for the age of a run found at start-up."""
-        return self.newest_ns / 1e9 if self.files else None
-
-
-def probe(wdir: Path, files: Iterable[str]) -> Probe:
-    """Stat a weights folder's checkpoint files (never following symlinks) and the keep marker."""
-    key: list[FileStat] = []
-    newest = 0
-    for name in files:
-        try:
-            st = os.lstat(wdir / name)
-        except OSError:
-            continue
-        kind = "f" if stat.S_ISREG(st.st_mode) else "x"
-        key.append((name, kind, st.st_ino, st.st_size, st.st_mtime_ns))
-        newest = max(newest, st.st_mtime_ns)
-    kept = any(os.path.lexists(d / paths.KEEP_MARKER) for d in (wdir, wdir.parent))
-    return Probe(tuple(key), newest, kept)
 
 
 def cadence_hint(run_dir: Path, newest_mtime: float | None) -> float | None:
@@ -155,7 +52,11 @@ def cadence_hint(run_dir: Path, newest_mtime: float | None) -> float | None:
 
 
 class Hints:
-    """Run folders someone should look at, deduplicated; filled by the observer thread."""
+    """Folders someone should look at, deduplicated; filled by the observer thread.
+
+    A folder hint is a folder in which a file changed (the service maps it to its run); a
+    subtree hint is a folder that appeared or moved in (the service looks for runs below it).
+    """
 
     def __init__(self, wake: threading.Event) -> None:
         self._lock = threading.Lock()
@@ -163,10 +64,10 @@ class Hints:
         self._subtrees: set[Path] = set()
         self._wake = wake
 
-    def add_run(self, run: Path) -> None:
+    def add_folder(self, folder: Path) -> None:
         with self._lock:
-            fresh = run not in self._runs
-            self._runs.add(run)
+            fresh = folder not in self._runs
+            self._runs.add(folder)
         if fresh:
             self._wake.set()
 
@@ -182,23 +83,18 @@ class Hints:
         return runs, subtrees
 
 
-_WEIGHTS, _PREFIX, _OTHER = "weights", "prefix", "other"
-
-
 class Watcher:
     """A watchdog observer on the root that feeds `Hints`; falls back to polling when it cannot."""
 
-    def __init__(self, root: Path, patterns: tuple[str, ...], files: tuple[str, ...],
-                 hints: Hints, ignore: Iterable[Path], warn: Callable[[str], None]) -> None:
+    def __init__(self, root: Path, hints: Hints, ignore: Iterable[Path],
+                 warn: Callable[[str], None]) -> None:
         self.root = root
-        self.patterns = patterns
-        self.files = frozenset(files)
         self.hints = hints
         self.ignore = tuple(p for p in ignore if p is not None)
         self._warn = warn
         self._observer: Any = None
         self._overflow: OverflowListener | None = None
-        self._kinds: dict[str, str] = {}
+        self._inside: dict[str, bool] = {}
         self.mode = "polling"
 
     def start(self) -> None:
@@ -267,43 +163,28 @@ class Watcher:
                 continue
             name = os.fsdecode(raw)
             folder, _, base = name.rpartition("/")
-            if paths.is_own_file(base):
+            if paths.is_own_file(base) or not self._followed(folder):
                 continue
-            if event.is_directory:
-                kind = self._classify(name)
-                if kind == _WEIGHTS:
-                    self.hints.add_run(Path(name))
-                elif kind == _PREFIX:
-                    self.hints.add_subtree(Path(name))
-                continue
-            if base in self.files:
-                if self._classify(folder) == _WEIGHTS:
-                    self.hints.add_run(Path(folder))
-            elif base == paths.KEEP_MARKER and self._classify(folder) == _PREFIX:
-                self.hints.add_subtree(Path(folder))
+            if event.is_directory and event.event_type != "deleted":
+                self.hints.add_subtree(Path(name))  # a new folder: look for runs in it
+            else:
+                self.hints.add_folder(Path(folder))  # a change in this folder's run
 
-    def _classify(self, folder: str) -> str:
-        """Weights folder, a folder that may gain one, or neither; remembered per folder string.
+    def _followed(self, folder: str) -> bool:
+        """Inside the root and not inside our own folders; remembered per folder string.
 
         An event storm (hundreds of trainers rewriting last.pt) asks about the same few hundred
-        folders thousands of times a second: glob matching each time costs real CPU.
+        folders thousands of times a second: path arithmetic each time costs real CPU.
         """
-        kind = self._kinds.get(folder)
-        if kind is None:
+        hit = self._inside.get(folder)
+        if hit is None:
             path = Path(folder)
-            rel = paths.relative_to(path, self.root)
-            if rel is None or any(paths.is_inside(path, d) for d in self.ignore):
-                kind = _OTHER
-            elif paths.is_weights_dir(rel, self.patterns):
-                kind = _WEIGHTS
-            elif paths.could_contain_weights_dir(rel, self.patterns):
-                kind = _PREFIX
-            else:
-                kind = _OTHER
-            if len(self._kinds) > 200_000:  # bounded: a huge tree must not grow it forever
-                self._kinds.clear()
-            self._kinds[folder] = kind
-        return kind
+            hit = paths.relative_to(path, self.root) is not None and not any(
+                paths.is_inside(path, d) for d in self.ignore)
+            if len(self._inside) > 200_000:  # bounded: a huge tree must not grow it forever
+                self._inside.clear()
+            self._inside[folder] = hit
+        return hit
 
 
 def run_in_use(run_dir: Path, proc: Path = Path("/proc")) -> int | None:

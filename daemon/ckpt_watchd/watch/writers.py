@@ -122,15 +122,15 @@ class Writers:
 
 
 class WriterWatch:
-    """A fanotify listener on the weights folders: `watch` each, ask `live` before stripping."""
+    """A fanotify listener on the runs' folders: `watch` each, ask `live` before stripping."""
 
     def __init__(self, fd: int, libc: ctypes.CDLL) -> None:
         self._fd = fd
         self._libc = libc
         self._me = os.getpid()
         self.writers = Writers()
-        self._keys: dict[str, str] = {}  # real path of a watched folder -> the path we were given
-        self._reals: dict[str, str] = {}  # and back
+        self._keys: dict[str, str] = {}  # real path of a watched folder -> the run it is part of
+        self._reals: dict[str, set[str]] = {}  # a run -> the real paths of its watched folders
         self.overflowed = 0
         # why writers are no longer (all) followed: set once, then no more folders are marked,
         # and after a failed read nothing more is read (the time rule and open-file check remain)
@@ -158,8 +158,13 @@ class WriterWatch:
             return None, f"unavailable: fanotify {why}"
         return cls(fd, libc), "fanotify"
 
-    def watch(self, folder: Path) -> None:
-        """Learn the writers of files in `folder` from now on (idempotent)."""
+    def watch(self, folder: Path, run: Path | None = None) -> None:
+        """Learn the writers of files in `folder` from now on, as writers of `run` (idempotent).
+
+        A run has several folders (the run folder, weights/, checkpoint-N/): a write in any of
+        them is a write of the run, so the trainer moving from one to the next is not mistaken
+        for it going on to another run.
+        """
         if self.error is not None:
             return
         if self._libc.fanotify_mark(self._fd, FAN_MARK_ADD, FAN_CLOSE_WRITE | FAN_EVENT_ON_CHILD,
@@ -171,8 +176,9 @@ class WriterWatch:
             self.error = f"fanotify_mark: {os.strerror(err)} (at {folder})"
             return
         # the kernel names event files by their real path; the service by the path it walked
-        real = os.path.realpath(folder)
-        self._keys[real], self._reals[str(folder)] = str(folder), real
+        real, key = os.path.realpath(folder), str(run if run is not None else folder)
+        self._keys[real] = key
+        self._reals.setdefault(key, set()).add(real)
 
     def drain(self) -> None:
         """Read every queued event (non-blocking) into `writers`; never raises."""
@@ -220,18 +226,20 @@ class WriterWatch:
                 and not name.startswith(TEMP_PREFIX):
             self.writers.saw(folder, ev.pid, process_start)
 
-    def live(self, folder: Path) -> int | None:
-        """The pid of a still-running process that wrote in `folder` last, after reading events."""
+    def live(self, run: Path) -> int | None:
+        """The pid of a still-running process that wrote in `run` last, after reading events."""
         self.drain()
-        return self.writers.live(str(folder), process_start)
+        return self.writers.live(str(run), process_start)
 
-    def forget(self, folder: Path) -> None:
-        self.writers.forget(str(folder))
-        real = self._reals.pop(str(folder), None)
-        if real is not None and self._keys.get(real) == str(folder):
-            del self._keys[real]
-        self._libc.fanotify_mark(self._fd, FAN_MARK_REMOVE, FAN_CLOSE_WRITE | FAN_EVENT_ON_CHILD,
-                                 _AT_FDCWD, os.fsencode(folder))  # ENOENT if already gone: fine
+    def forget(self, run: Path) -> None:
+        """Stop following `run` (and every folder watched for it)."""
+        self.writers.forget(str(run))
+        for real in self._reals.pop(str(run), {os.path.realpath(run)}):
+            if self._keys.get(real) == str(run):
+                del self._keys[real]
+            self._libc.fanotify_mark(self._fd, FAN_MARK_REMOVE,
+                                     FAN_CLOSE_WRITE | FAN_EVENT_ON_CHILD, _AT_FDCWD,
+                                     os.fsencode(real))  # ENOENT if already gone: fine
 
     def close(self) -> None:
         os.close(self._fd)
