@@ -7,25 +7,28 @@ Usage (atheris is not a project dependency: `pip install atheris` first):
              -runs=20000 -rss_limit_mb=4096 -artifact_prefix=/tmp/fuzz-
 
 CORPUS_DIR starts as real checkpoints (`--seed-from DIR` copies the *.pt files of DIR into it, or
-their data.pkl with `--pickle-only`); libFuzzer adds the inputs that reach new code. With
-`--pickle-only` each input is a data.pkl placed inside a valid torch zip, so the unpickler is
-reached. Anything but success or a `CheckpointError` is a crash: libFuzzer saves the input as
-`crash-*`. Only ckpt_watchd is instrumented for coverage (torch would take minutes); each load
-runs under the worker's per-job memory cap, as in the daemon.
+the data.pkl of its zip ones with `--pickle-only`: a legacy or tar file is refused as unsupported
+before anything is unpickled, so it only seeds the container check); libFuzzer adds the inputs
+that reach new code. With `--pickle-only` each input is a data.pkl swapped into a valid torch zip
+(every other record kept exactly as it was), so the unpickler is reached. Anything but success or
+a `CheckpointError` is a crash: libFuzzer saves the input as `crash-*`. Only ckpt_watchd is
+instrumented for coverage (torch would take minutes); each load runs under the worker's per-job
+memory cap, raised step by step as in the daemon.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import atheris
 import torch  # noqa: F401  (imported before instrumenting: instrumenting torch takes minutes)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for fixtures.opfuzz
+from fixtures.opfuzz import data_pkl, swap_data_pkl
 
 with atheris.instrument_imports(include=["ckpt_watchd"]):
     from ckpt_watchd.engine import safeload
@@ -34,26 +37,18 @@ with atheris.instrument_imports(include=["ckpt_watchd"]):
 
 _TMP = Path(tempfile.mkdtemp(prefix="ckpt-watchd-atheris-"))
 _TEMPLATE: bytes | None = None  # a torch zip whose data.pkl each --pickle-only input replaces
-
-
-def _with_data_pkl(template: bytes, pkl: bytes) -> bytes:
-    out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(template)) as zin, zipfile.ZipFile(out, "w") as zout:
-        for info in zin.infolist():
-            body = pkl if info.filename.endswith("/data.pkl") else zin.read(info)
-            zout.writestr(zipfile.ZipInfo(info.filename), body)
-    return out.getvalue()
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 def test_one_input(data: bytes) -> None:
     if _TEMPLATE is not None:
-        data = _with_data_pkl(_TEMPLATE, data)
+        data = swap_data_pkl(_TEMPLATE, data)
     path = _TMP / "input.pt"
     # unlink first: the previous load may still map the previous file's pages
     path.unlink(missing_ok=True)
     path.write_bytes(data)
-    with contextlib.suppress(CheckpointError), memory_cap(path):  # as in a worker
-        safeload.load(path)
+    with contextlib.suppress(CheckpointError), memory_cap() as cap:  # as in a worker
+        safeload.load(path, need=cap.need)
 
 
 def _seed(corpus: Path, source: Path, pickle_only: bool) -> None:
@@ -61,10 +56,9 @@ def _seed(corpus: Path, source: Path, pickle_only: bool) -> None:
     for pt in sorted(source.glob("*.pt")):
         data = pt.read_bytes()
         if pickle_only:
-            if not data.startswith(b"PK\x03\x04"):
-                continue
-            with zipfile.ZipFile(io.BytesIO(data)) as zf:
-                data = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
+            if not data.startswith(_ZIP_MAGIC):
+                continue  # legacy or tar: it has no data.pkl
+            data = data_pkl(data)
         (corpus / pt.name).write_bytes(data)
 
 
@@ -82,7 +76,7 @@ def main(argv: list[str]) -> None:
         _seed(corpus, source, pickle_only)
         if pickle_only:
             _TEMPLATE = next(p.read_bytes() for p in sorted(source.glob("*.pt"))
-                             if p.read_bytes().startswith(b"PK\x03\x04"))
+                             if p.read_bytes().startswith(_ZIP_MAGIC))
     elif pickle_only:
         template = os.environ.get("CKPT_WATCHD_FUZZ_TEMPLATE")
         if not template:
