@@ -22,7 +22,7 @@ from ckpt_watchd.ops import display
 from ckpt_watchd.settings import DEFAULT_CONFIG, OPTION_BY_NAME, OPTIONS, Settings
 
 ENV_PREFIX = "CKPT_WATCHD_"
-COMMANDS = ("run", "strip", "inspect", "status", "restore")
+COMMANDS = ("run", "scan", "strip", "inspect", "status", "restore")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -31,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     command = args.pop(0) if args and args[0] in COMMANDS else "run"
     try:
+        if command == "scan":
+            return _cmd_scan(args)
         if command == "strip":
             return _cmd_strip(args)
         if command == "inspect":
@@ -56,7 +58,7 @@ def daemon_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ckpt-watchd",
         description="Watch training runs and strip the checkpoints of finished ones. "
-        "Other commands: strip, inspect, status, restore (ckpt-watchd COMMAND --help).",
+        "Other commands: scan, strip, inspect, status, restore (ckpt-watchd COMMAND --help).",
     )
     p.add_argument("--version", action="version", version=f"ckpt-watchd {__version__}")
     p.add_argument("--config", type=Path, default=None, metavar="FILE",
@@ -208,6 +210,46 @@ def _timeout(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                    help="wall-clock seconds one file may take before its process is killed "
                    f"(default: {DEFAULT_TIMEOUT:g}); each file also has a CPU budget")
+
+
+def _cmd_scan(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="ckpt-watchd scan",
+        description="How much would a strip give back, and from which runs? Changes nothing; "
+        "needs no daemon.")
+    p.add_argument("root", type=Path, metavar="DIR", help="the runs folder to look at")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    defaults = Settings(root=Path("."))
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="worker processes for the estimates (default: one per CPU)")
+    p.add_argument("--settle", type=float, default=defaults.settle, metavar="SECONDS",
+                   help=f"as the daemon's --settle (default: {defaults.settle:g})")
+    for name, meta, what in (("pattern", "GLOB", "weights folders"), ("files", "GLOB",
+                             "checkpoint names"), ("exclude", "GLOB", "run folders to leave out")):
+        default = list(getattr(defaults, name))
+        p.add_argument(f"--{name}", action="append", default=None, metavar=meta,
+                       help=f"as the daemon's --{name}: {what} (repeatable; default: "
+                       f"{_fmt(default) or 'none'})")
+    p.add_argument("--max-depth", type=int, default=defaults.max_depth, metavar="N",
+                   help=f"as the daemon's --max-depth (default: {defaults.max_depth})")
+    _timeout(p)
+    ns = p.parse_args(argv)
+    root = ns.root.absolute()
+    if not root.is_dir():
+        raise StartupError(f"{ns.root}: not a directory")
+    s = Settings(root=root, pattern=tuple(ns.pattern or defaults.pattern),
+                 files=tuple(ns.files or defaults.files), exclude=tuple(ns.exclude or ()),
+                 max_depth=ns.max_depth, settle=ns.settle,
+                 workers=max(1, ns.workers))
+    from ckpt_watchd.ops import scan
+    from ckpt_watchd.ops.progress import Progress
+    from ckpt_watchd.watch import discover
+
+    where = discover.Where(s.root, s.pattern, s.files, skip=(s.state_dir,), max_depth=s.max_depth)
+    rows = scan.scan(where, workers=s.workers, settle=s.settle, exclude=s.exclude,
+                     progress=Progress(), wall=ns.timeout)
+    scan.print_scan(rows, as_json_out=ns.json)
+    return 0
 
 
 def _cmd_strip(argv: list[str]) -> int:

@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -262,14 +262,19 @@ def _real_bytes(path: str) -> int:
     return min(st.st_size, blocks * 512) if blocks else st.st_size
 
 
-def isolated(work: Callable[[Callable[[], None]], dict[str, Any]], *, path: str,
-             wall: float) -> dict[str, Any]:
-    """Run `work(on_torch)` in a forked child; its JSON-able result, or raise Isolated.
+@dataclass(slots=True)
+class _Child:
+    """One job's process, as the parent sees it."""
 
-    The child has the CPU budget of the file at `path` (charged from the moment torch is
-    imported, `on_torch`), its stdout/stderr on /dev/null and no core dump; the parent waits at
-    most `wall` seconds and kills it after that.
-    """
+    pid: int
+    fd: int
+    budget: float
+    deadline: float
+    chunks: list[bytes]
+
+
+def _spawn(work: Callable[[Callable[[], None]], dict[str, Any]], path: str,
+           wall: float) -> _Child:
     budget = cpu_budget(_real_bytes(path))
     parent = os.getpid()
     r, w = os.pipe()
@@ -290,39 +295,90 @@ def isolated(work: Callable[[Callable[[], None]], dict[str, Any]], *, path: str,
         finally:
             os._exit(code)
     os.close(w)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + wall
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise Isolated("timeout", f"timed out after {wall:g}s (its process was killed)")
-            ready, _, _ = select.select([r], [], [], left)
-            if ready:
-                chunk = os.read(r, 1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        raise
-    finally:
-        os.close(r)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and chunks:
+    return _Child(pid, r, budget, time.monotonic() + wall, [])
+
+
+def _kill(child: _Child) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(child.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(child.pid, 0)
+    with contextlib.suppress(OSError):
+        os.close(child.fd)
+
+
+def _reap(child: _Child) -> dict[str, Any] | Isolated:
+    """The answer of a child whose pipe reached EOF."""
+    os.close(child.fd)
+    _, status = os.waitpid(child.pid, 0)
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and child.chunks:
         try:
-            result = json.loads(b"".join(chunks))
+            result = json.loads(b"".join(child.chunks))
         except ValueError:
-            raise Isolated("crash", "its process answered garbage") from None
+            return Isolated("crash", "its process answered garbage")
         if isinstance(result, dict):
             return result
-    raise Isolated(*_death(status, budget))
+    return Isolated(*_death(status, child.budget))
+
+
+def isolated(work: Callable[[Callable[[], None]], dict[str, Any]], *, path: str,
+             wall: float) -> dict[str, Any]:
+    """Run `work(on_torch)` in a forked child; its JSON-able result, or raise Isolated.
+
+    The child has the CPU budget of the file at `path` (charged from the moment torch is
+    imported, `on_torch`), its stdout/stderr on /dev/null and no core dump; the parent waits at
+    most `wall` seconds and kills it after that.
+    """
+    for _key, result in isolated_map([(None, work, path)], parallel=1, wall=wall):
+        if isinstance(result, Isolated):
+            raise result
+        return result
+    raise AssertionError("isolated_map yields one result per task")  # pragma: no cover
+
+
+Task = tuple[Any, Callable[[Callable[[], None]], dict[str, Any]], str]
+
+
+def isolated_map(tasks: Iterable[Task], *, parallel: int, wall: float
+                 ) -> Iterator[tuple[Any, dict[str, Any] | Isolated]]:
+    """Run each (key, work, path) in a forked child, `parallel` at a time; yield (key, result).
+
+    All children are forked and waited for from this one thread: a process with other threads
+    must never fork (a lock one of them holds would stay locked in the child).
+    """
+    pending = iter(tasks)
+    running: dict[int, tuple[Any, _Child]] = {}
+    try:
+        while True:
+            while len(running) < max(1, parallel):
+                task = next(pending, None)
+                if task is None:
+                    break
+                key, work, path = task
+                child = _spawn(work, path, wall)
+                running[child.fd] = (key, child)
+            if not running:
+                return
+            left = min(c.deadline for _k, c in running.values()) - time.monotonic()
+            ready, _, _ = select.select(list(running), [], [], max(0.0, left))
+            now = time.monotonic()
+            for fd in ready:
+                key, child = running[fd]
+                chunk = os.read(fd, 1 << 16)
+                if chunk:
+                    child.chunks.append(chunk)
+                    continue
+                del running[fd]
+                yield key, _reap(child)
+            for fd, (key, child) in list(running.items()):
+                if now >= child.deadline and fd not in ready:
+                    del running[fd]
+                    _kill(child)
+                    yield key, Isolated("timeout", f"timed out after {wall:g}s "
+                                                   "(its process was killed)")
+    finally:
+        for _key, child in running.values():
+            _kill(child)
 
 
 def _death(status: int, budget: float) -> tuple[str, str]:

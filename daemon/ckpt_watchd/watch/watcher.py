@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,11 +197,24 @@ def run_in_use(run_dir: Path, proc: Path = Path("/proc")) -> int | None:
     finished-looking run, never on a hot path.
     """
     prefix = str(run_dir).rstrip("/") + "/"
+    for pid, path in _written_files(proc):
+        if path.startswith(prefix):
+            return pid
+    return None
+
+
+def open_for_writing(proc: Path = Path("/proc")) -> dict[str, int]:
+    """Every file some process has open for writing, and that process: one /proc walk for many
+    runs (`scan` asks about all of them at once)."""
+    return {path: pid for pid, path in _written_files(proc)}
+
+
+def _written_files(proc: Path) -> Iterator[tuple[int, str]]:
     me = os.getpid()
     try:
         pids = [int(e.name) for e in os.scandir(proc) if e.name.isdigit()]
     except OSError:
-        return None
+        return
     for pid in pids:
         if pid == me:
             continue
@@ -213,9 +226,9 @@ def run_in_use(run_dir: Path, proc: Path = Path("/proc")) -> int | None:
         with fds:
             for fd in fds:
                 with contextlib.suppress(OSError, ValueError):
-                    if os.readlink(fd.path).startswith(prefix) and _writable(base, fd.name):
-                        return pid
-    return None
+                    target = os.readlink(fd.path)
+                    if target.startswith("/") and _writable(base, fd.name):
+                        yield pid, target
 
 
 def _writable(base: Path, fd: str) -> bool:
