@@ -13,7 +13,7 @@ import pytest
 
 from ckpt_watchd import cli
 from ckpt_watchd.errors import SourceChanged, WriteFailed
-from ckpt_watchd.records.archive import Archiver, read_manifest, restore
+from ckpt_watchd.records.archive import Archiver, FolderStrip, read_manifest, restore
 
 ORIGINAL = b"original checkpoint with optimizer state " * 1000
 STRIPPED = b"stripped" * 100
@@ -273,3 +273,85 @@ def test_worker_strip_archives_then_restore_resumes(tmp_path: Path, root: Path) 
     assert Path(entry["archived"]).read_bytes() == original
     assert restore(path, arch) == 0
     assert path.read_bytes() == original
+
+
+# ------------------------------------------------------------------------------ folder strips
+
+
+@pytest.fixture
+def ckpt_folder(root: Path) -> Path:
+    folder = root / "out" / "checkpoint-2"
+    folder.mkdir(parents=True)
+    for name in ("optimizer.pt", "scheduler.pt", "model.safetensors"):
+        (folder / name).write_bytes(name.encode() * 100)
+    os.utime(folder, ns=(1, 5_000_000_000))
+    return folder
+
+
+def keep_folder(arch: Path, root: Path, folder: Path, names: tuple[str, ...], *,
+                strip: str = "s1", files: int | None = None) -> None:
+    """Archive `names` as one folder strip, then remove them as the strip does."""
+    fs = FolderStrip(strip, len(names) if files is None else files, os.lstat(folder).st_mtime_ns)
+    archiver = Archiver(arch, root, clock=lambda: "2024-05-01T00:00:00+00:00")
+    for name in names:
+        archiver.keep(folder / name, Facts.of(folder / name), strip=fs)
+    for name in names:
+        (folder / name).unlink()
+    os.utime(folder, ns=(1, 5_000_000_000))
+
+
+def test_folder_strip_entries_name_their_folder(tmp_path: Path, root: Path, ckpt_folder: Path) -> None:
+    """A folder strip's manifest entry adds the folder, the strip, its file count and the folder mtime."""
+    arch = tmp_path / "archive"
+    facts = Facts.of(ckpt_folder / "optimizer.pt")
+    keep_folder(arch, root, ckpt_folder, ("optimizer.pt",))
+    assert read_manifest(arch) == [{
+        "original": str(ckpt_folder / "optimizer.pt"),
+        "archived": str(arch / "out" / "checkpoint-2" / f"optimizer.{facts.mtime_ns}.pt"),
+        "size": facts.size, "mtime_ns": facts.mtime_ns, "folder": str(ckpt_folder),
+        "strip": "s1", "strip_files": 1, "folder_mtime_ns": 5_000_000_000,
+        "archived_at": "2024-05-01T00:00:00+00:00"}]
+
+
+def test_restore_folder_puts_every_file_back(tmp_path: Path, root: Path, ckpt_folder: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`restore FOLDER` brings back each file of its strip, byte-identical, and the folder's mtime."""
+    before = {p.name: p.read_bytes() for p in ckpt_folder.iterdir()}
+    arch = tmp_path / "archive"
+    keep_folder(arch, root, ckpt_folder, ("optimizer.pt", "scheduler.pt"))
+    assert cli.main(["restore", str(ckpt_folder), "--archive-dir", str(arch)]) == 0
+    assert {p.name: p.read_bytes() for p in ckpt_folder.iterdir()} == before
+    assert os.lstat(ckpt_folder).st_mtime_ns == 5_000_000_000
+    assert capsys.readouterr().out == f"{ckpt_folder}: restored 2 files from {arch}\n"
+
+
+def test_restore_folder_ignores_a_strip_that_never_finished_archiving(
+        tmp_path: Path, root: Path, ckpt_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A strip with fewer entries than it meant to archive (killed mid-way) is not restored from."""
+    arch = tmp_path / "archive"
+    keep_folder(arch, root, ckpt_folder, ("optimizer.pt",), files=2)
+    assert restore(ckpt_folder, arch) == 1
+    assert "no archived folder strip" in capsys.readouterr().err
+    assert not (ckpt_folder / "optimizer.pt").exists()
+
+
+def test_restore_folder_is_all_or_nothing_on_a_missing_archive(
+        tmp_path: Path, root: Path, ckpt_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """If one archived file is gone, no file of the folder is put back."""
+    arch = tmp_path / "archive"
+    keep_folder(arch, root, ckpt_folder, ("optimizer.pt", "scheduler.pt"))
+    Path(read_manifest(arch)[1]["archived"]).unlink()
+    assert restore(ckpt_folder, arch) == 1
+    assert "is missing; nothing restored" in capsys.readouterr().err
+    assert sorted(p.name for p in ckpt_folder.iterdir()) == ["model.safetensors"]
+
+
+def test_one_file_of_a_folder_strip_restores_alone(tmp_path: Path, root: Path,
+                                                   ckpt_folder: Path) -> None:
+    """`restore FILE` still works for a file a folder strip removed."""
+    data = (ckpt_folder / "scheduler.pt").read_bytes()
+    arch = tmp_path / "archive"
+    keep_folder(arch, root, ckpt_folder, ("optimizer.pt", "scheduler.pt"))
+    assert restore(ckpt_folder / "scheduler.pt", arch) == 0
+    assert (ckpt_folder / "scheduler.pt").read_bytes() == data
+    assert not (ckpt_folder / "optimizer.pt").exists()

@@ -1,8 +1,10 @@
 """`--archive-dir`: keep each original before it is replaced, and `restore` to put it back.
 
 It owns the archive layout (the path relative to the root, plus the original's mtime_ns) and the
-append-only `manifest.jsonl`. It never writes to a checkpoint path except through a same-directory
-temp file and os.replace, and never deletes anything from the archive. No torch here.
+append-only `manifest.jsonl`, whose entries for a folder strip also name the folder and the strip,
+so `restore FOLDER` puts a whole checkpoint folder back. It never writes to a checkpoint path
+except through a same-directory temp file and a rename (a folder's files never over an existing
+name), and never deletes anything from the archive. No torch here.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +47,15 @@ class Facts(Protocol):
     def gid(self) -> int: ...
 
 
+@dataclass(frozen=True, slots=True)
+class FolderStrip:
+    """Which folder strip an archived file belongs to, for `restore FOLDER`."""
+
+    id: str  # one strip of one folder
+    files: int  # how many files it removes: a strip with fewer entries never finished archiving
+    folder_mtime_ns: int  # the folder's mtime before the strip, given back by a restore
+
+
 def _now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat()
 
@@ -66,8 +78,12 @@ class Archiver:
             rel = original.relative_to(original.anchor)
         return self.archive_dir / rel.parent / f"{original.stem}.{mtime_ns}{original.suffix}"
 
-    def keep(self, path: Path, facts: Facts) -> None:
-        """Archive the file at `path` (about to be replaced) and append it to the manifest."""
+    def keep(self, path: Path, facts: Facts, *, strip: FolderStrip | None = None) -> None:
+        """Archive the file at `path` (about to be replaced or removed); append it to the manifest.
+
+        `strip`: the file is one of a folder strip's; its entry says which, so `restore` of the
+        folder finds every file of that strip.
+        """
         original = Path(path).resolve()
         try:
             self._check(original, facts, "before it was archived")
@@ -77,6 +93,9 @@ class Archiver:
                                      "size": facts.size, "mtime_ns": facts.mtime_ns}
             if sha is not None:
                 entry["sha256"] = sha
+            if strip is not None:
+                entry.update(folder=str(original.parent), strip=strip.id, strip_files=strip.files,
+                             folder_mtime_ns=strip.folder_mtime_ns)
             entry["archived_at"] = self._clock()
             self._append(entry)
         except OSError as e:
@@ -135,8 +154,11 @@ class Archiver:
             os.close(fd)
 
 
-def _copy_durably(src: Path, dest: Path, facts: Facts | None) -> None:
-    """Copy to a temp next to `dest`, fsync, keep owner/mode/mtime, rename into place."""
+def _copy_durably(src: Path, dest: Path, facts: Facts | None, *, overwrite: bool = True) -> None:
+    """Copy to a temp next to `dest`, fsync, keep owner/mode/mtime, rename into place.
+
+    `overwrite=False`: the temp takes the name only while no file has it (FileExistsError).
+    """
     with atomic.temp_writer(dest) as (tmp, writer):
         with open(src, "rb") as f:
             shutil.copyfileobj(f, writer, 1 << 20)
@@ -149,7 +171,24 @@ def _copy_durably(src: Path, dest: Path, facts: Facts | None) -> None:
             uid, gid, mode, mtime_ns = st.st_uid, st.st_gid, st.st_mode, st.st_mtime_ns
         atomic.copy_ownership(tmp, uid, gid, mode)
         os.utime(tmp, ns=(st.st_atime_ns, mtime_ns), follow_symlinks=False)
-        os.replace(tmp, dest)
+        if overwrite:
+            os.replace(tmp, dest)
+        else:
+            _take_free_name(tmp, dest)
+
+
+def _take_free_name(tmp: Path, dest: Path) -> None:
+    """Rename `tmp` to `dest` unless a file has that name: a restore never overwrites one."""
+    try:
+        os.link(tmp, dest, follow_symlinks=False)  # atomic, and fails with EEXIST
+    except OSError as e:
+        if e.errno not in _NO_LINK:
+            raise
+        if os.path.lexists(dest):  # no hard links here: check, then rename
+            raise FileExistsError(errno.EEXIST, "File exists", str(dest)) from None
+        os.rename(tmp, dest)
+        return
+    os.unlink(tmp)
 
 
 def read_manifest(archive_dir: Path) -> list[dict[str, Any]]:
@@ -168,11 +207,17 @@ def read_manifest(archive_dir: Path) -> list[dict[str, Any]]:
 
 
 def restore(path: Path, archive_dir: Path) -> int:
-    """Put the newest archived original of `path` back in place; 0 on success, 1 otherwise."""
+    """Put the newest archived original of `path` back in place; 0 on success, 1 otherwise.
+
+    For a folder: every file of its newest complete folder strip, each atomically, none over a
+    name that is taken (then nothing is restored).
+    """
     target = Path(path).resolve()
     archive_dir = Path(archive_dir).absolute()
     if not archive_dir.is_dir():
         return _fail(f"{archive_dir}: no such archive directory")
+    if target.is_dir():
+        return _restore_folder(target, archive_dir)
     matches = [e for e in read_manifest(archive_dir) if e["original"] == str(target)]
     if not matches:
         return _fail(f"{target}: no archived original in {archive_dir / MANIFEST}")
@@ -199,6 +244,56 @@ def restore(path: Path, archive_dir: Path) -> int:
         why = e.message if isinstance(e, CheckpointError) else atomic.describe_oserror(e)
         return _fail(f"{target}: not restored: {why}")
     print(f"{target}: restored from {archived}", flush=True)
+    return 0
+
+
+def _restore_folder(folder: Path, archive_dir: Path) -> int:
+    from ckpt_watchd.engine import folder as folders  # engine -> records is the usual direction
+
+    entries = [e for e in read_manifest(archive_dir) if e.get("folder") == str(folder)]
+    strips: dict[str, dict[str, dict[str, Any]]] = {}  # strip -> original -> its newest entry
+    for e in entries:
+        files = strips.pop(str(e.get("strip")), {})  # re-inserted: the latest strip comes last
+        files[e["original"]] = e
+        strips[str(e.get("strip"))] = files
+    complete = [s for s in strips.values()
+                if all(len(s) == e.get("strip_files", len(s)) for e in s.values())]
+    if not complete:
+        return _fail(f"{folder}: no archived folder strip in {archive_dir / MANIFEST}")
+    files = complete[-1]
+    folders.replay(folder)  # a strip a kill interrupted: rolled back or finished first
+    if os.path.lexists(folder / folders.JOURNAL):
+        return _fail(f"{folder}: not restored: a strip of it is under way, or was interrupted "
+                     f"and could not be finished ({folders.JOURNAL})")
+    taken = sorted(Path(o).name for o in files if os.path.lexists(o))
+    if taken:
+        return _fail(f"{folder}: not restored: {', '.join(taken)} already there (the folder is "
+                     "not as the strip left it)")
+    for original, e in sorted(files.items()):
+        archived = Path(e["archived"])
+        try:
+            st = os.lstat(archived)
+        except FileNotFoundError:
+            return _fail(f"{original}: the archived original {archived} is missing; nothing "
+                         "restored")
+        if st.st_size != e.get("size", st.st_size) or (
+                "sha256" in e and atomic.sha256_path(archived) != e["sha256"]):
+            return _fail(f"{original}: the archived original {archived} fails its check; "
+                         "nothing restored")
+    done = []
+    try:
+        for original, e in sorted(files.items()):
+            _copy_durably(Path(e["archived"]), Path(original), None, overwrite=False)
+            done.append(original)
+        atomic.fsync_dir(folder)
+    except (CheckpointError, OSError) as e:
+        why = e.message if isinstance(e, CheckpointError) else atomic.describe_oserror(e)
+        return _fail(f"{folder}: restored {len(done)} of {len(files)} files, then: {why}")
+    mtime_ns = next(iter(files.values())).get("folder_mtime_ns")
+    if isinstance(mtime_ns, int):
+        with contextlib.suppress(OSError):  # the trainer's rotation orders its folders by mtime
+            os.utime(folder, ns=(os.lstat(folder).st_atime_ns, mtime_ns), follow_symlinks=False)
+    print(f"{folder}: restored {len(files)} files from {archive_dir}", flush=True)
     return 0
 
 
