@@ -419,10 +419,6 @@ def test_ten_thousand_opcode_insertions_are_refused_by_name_or_stripped(
     assert _share(seen, "refused after the scan") >= 0.05, seen
 
 
-@pytest.mark.xfail(strict=True, reason="the tensor guard checks that the backward-hooks dict is "
-                   "empty when the tensor is rebuilt, but that dict is memoized: a later SETITEM "
-                   "through the memo fills the tensor's _backward_hooks (the strip's save then "
-                   "warns with the hook's repr and drops it)")
 @pytest.mark.timeout(60)
 def test_a_pickle_cannot_give_a_tensor_backward_hooks_after_its_rebuild(
         seeds: dict[str, bytes], scratch: Path) -> None:

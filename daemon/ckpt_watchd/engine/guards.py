@@ -129,9 +129,23 @@ class Loading:
         return v
 
 
-def _tensor_v2(name: str) -> Callable[..., Any]:
-    real: Any = torch._utils._rebuild_tensor_v2
+def _rebuild(storage: Any, offset: int, shape: tuple[int, ...], strides: tuple[int, ...],
+             requires_grad: bool = False, metadata: Any = None) -> torch.Tensor:
+    """What torch's `_rebuild_tensor_v2` does for a CPU or meta storage, with hooks of its own.
 
+    The tensor gets a fresh, empty hooks dict, never the pickle's: that one sits in the memo,
+    and a later SETITEM could fill it after this check. (torch's fake-tensor mode, which its
+    rebuild looks up on every tensor, is never on here.)"""
+    t = torch.empty((0,), dtype=storage.dtype, device=storage._untyped_storage.device)
+    t.set_(storage._untyped_storage, offset, shape, strides)
+    t.requires_grad = requires_grad
+    if metadata:
+        torch._utils.set_tensor_metadata(t, metadata)  # type: ignore[no-untyped-call]
+    t._backward_hooks = collections.OrderedDict()
+    return t
+
+
+def _tensor_v2(name: str) -> Callable[..., Any]:
     def check(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any,
               hooks: Any, metadata: Any = None) -> Any:
         Loading.storage(name, storage)
@@ -142,18 +156,21 @@ def _tensor_v2(name: str) -> Callable[..., Any]:
         if metadata is not None and not (isinstance(metadata, dict) and all(
                 type(k) is str and type(v) is bool for k, v in metadata.items())):
             raise _refuse(name, "with tensor metadata that is not flags")
-        return real(storage, _int(name, offset), shape, strides, _bool(name, requires_grad),
-                    _no_hooks(name, hooks), metadata)
+        _no_hooks(name, hooks)
+        return _rebuild(storage, _int(name, offset), shape, strides,
+                        _bool(name, requires_grad), metadata)
 
     return check
 
 
 def _tensor_v1(name: str) -> Callable[..., Any]:
-    real: Any = torch._utils._rebuild_tensor
-
     def check(storage: Any, offset: Any, size: Any, stride: Any) -> Any:
         Loading.storage(name, storage)
-        return real(storage, _int(name, offset), _shape(name, size), _shape(name, stride))
+        shape = _shape(name, size)
+        strides = _shape(name, stride)
+        if len(shape) != len(strides):
+            raise _refuse(name, "with sizes and strides of different lengths")
+        return _rebuild(storage, _int(name, offset), shape, strides)
 
     return check
 
@@ -162,26 +179,31 @@ def _is_tensor(v: Any) -> bool:
     return type(v) in (torch.Tensor, torch.nn.Parameter)
 
 
-def _parameter(name: str) -> Callable[..., Any]:
-    real: Any = torch._utils._rebuild_parameter
+def _new_parameter(data: torch.Tensor, requires_grad: bool) -> torch.nn.Parameter:
+    """torch's `_rebuild_parameter`, with a fresh, empty hooks dict (see `_rebuild`)."""
+    param = torch.nn.Parameter(data, requires_grad)
+    param._backward_hooks = collections.OrderedDict()
+    return param
 
+
+def _parameter(name: str) -> Callable[..., Any]:
     def check(data: Any, requires_grad: Any, hooks: Any) -> Any:
         if not _is_tensor(data):
             raise _refuse(name, "of something that is not a tensor")
-        return real(data, _bool(name, requires_grad), _no_hooks(name, hooks))
+        _no_hooks(name, hooks)
+        return _new_parameter(data, _bool(name, requires_grad))
 
     return check
 
 
 def _parameter_with_state(name: str) -> Callable[..., Any]:
-    real: Any = torch._utils._rebuild_parameter
-
     def check(data: Any, requires_grad: Any, hooks: Any, state: Any) -> Any:
         if state not in (None, {}, (None, None), (None, {}), ({}, None), ({}, {})):
             raise Unsupported("a Parameter with attributes of its own")
         if not _is_tensor(data):
             raise _refuse(name, "of something that is not a tensor")
-        return real(data, _bool(name, requires_grad), _no_hooks(name, hooks))
+        _no_hooks(name, hooks)
+        return _new_parameter(data, _bool(name, requires_grad))
 
     return check
 
