@@ -272,15 +272,28 @@ def runs_root(tmp_path: Path) -> Path:
     return root
 
 
-def test_status_lines(runs_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """One line per run, relative to the root, with time left, bytes saved or the reason."""
+def test_status_table(runs_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A row per run (relative to the root) with its trainer, time left, bytes saved or reason;
+    totals; then each failing checkpoint with its reason and when it is tried again."""
+    s = StateStore.open(runs_root / ".ckpt-watchd" / "state.sqlite3")
+    s.schedule_retry(str(runs_root / "train/b/weights/epoch3.pt"), run=str(runs_root / "train/b"),
+                     at=1330.0, attempt=2, error_type="write", error="No space left on device")
+    s.close()
     assert print_status(runs_root, None, False, clock=lambda: 1030.0) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines == [
-        "train/a  settling (60s left)",
-        "train/b  stripped (saved 6.0 kB)",
-        "train/c  failed: refused unsafe global 'os.system'",
-        "train/d  kept: .ckpt-watchd-keep",
+        "run      trainer  state     ckpts  stripped   saved  detail",
+        "train/a           settling      0         0     0 B  60s left",
+        "train/b  yolov5   stripped      3         2  6.0 kB  1 failing, retried later",
+        "train/c           failed        1         0     0 B  refused unsafe global 'os.system'",
+        "train/d           kept          0         0     0 B  .ckpt-watchd-keep",
+        "-" * 86,
+        "total             4 runs        4         2  6.0 kB  1 waiting, 2 failing",
+        "",
+        "failures:",
+        "  train/b/weights/epoch3.pt: write: No space left on device (attempt 2, retried in 5m)",
+        "  train/c/weights/last.pt: unsafe: refused unsafe global 'os.system' "
+        "(given up after 5 attempt(s))",
     ]
 
 
@@ -305,7 +318,8 @@ def test_status_reads_while_the_daemon_holds_the_store(
         assert print_status(runs_root, None, False, clock=lambda: 1030.0) == 0
     finally:
         daemon.close()
-    assert capsys.readouterr().out.splitlines()[-1] == "train/e  watching"
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[5].split() == ["train/e", "watching", "0", "0", "0", "B"]
 
 
 def test_status_empty_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -28,9 +28,14 @@ _SMALL = (".format_version", ".storage_alignment", "byteorder", "version",
           ".data/serialization_id")
 
 
-def estimate_file(path: str, *, need: source.Need = source._no_cap) -> dict[str, Any]:
-    """{profile, stripped, bytes, bytes_after} for one checkpoint file; CheckpointError if bad."""
-    opened = source.open_checkpoint(path, need=need)
+def estimate_file(path: str, *, need: source.Need = source._no_cap,
+                  opened: source.Opened | None = None) -> dict[str, Any]:
+    """{profile, stripped, bytes, bytes_after} for one checkpoint file; CheckpointError if bad.
+
+    `opened`: the file as `source.open_checkpoint(path, structure_only=True)` opened it (this
+    closes it); by default it is opened here."""
+    if opened is None:
+        opened = source.open_checkpoint(path, need=need, structure_only=True)
     try:
         facts = opened.facts
         meta: dict[str, torch.UntypedStorage] = {}

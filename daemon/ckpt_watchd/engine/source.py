@@ -135,10 +135,18 @@ def classify(fd: int, size: int) -> None:
     raise NotACheckpoint("not a PyTorch checkpoint (unknown format)")
 
 
-def open_checkpoint(path: os.PathLike[str] | str, *, need: Need = _no_cap) -> Opened:
-    """Open, classify, parse the zip, read data.pkl and scan it; the caller closes `fd`."""
+def open_checkpoint(path: os.PathLike[str] | str, *, need: Need = _no_cap,
+                    structure_only: bool = False) -> Opened:
+    """Open, classify, parse the zip, read data.pkl and scan it; the caller closes `fd`.
+
+    `structure_only`: the caller reads no weight (an estimate), so the kernel is told not to
+    read ahead: the headers of the records are spread over the whole file, and readahead
+    around each would bring nearly all of it into the page cache.
+    """
     fd, facts = open_regular(path)
     try:
+        if structure_only:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         classify(fd, facts.size)
         archive = zipread.read_archive(fd, facts.size)
         names = {r.name for r in archive.records}

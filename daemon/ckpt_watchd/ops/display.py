@@ -7,6 +7,8 @@ in `status`, in `strip`'s output or in a hook's file list. Everything a person r
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
 
 
@@ -40,3 +42,20 @@ def duration(s: float) -> str:
     if s < 120:
         return f"{s:.0f}s"
     return f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
+
+
+def table(header: Sequence[str], body: Sequence[Sequence[str]], total: Sequence[str] | None = None,
+          *, right: Sequence[int] = ()) -> list[str]:
+    """Lines of a plain-text table: columns padded, those in `right` right-aligned, a rule above
+    the `total` row. Cells are shown as `printable`."""
+    rows = [[printable(c) for c in r] for r in (header, *body, *([total] if total else []))]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+
+    lines = [line(r) for r in rows]
+    if total:
+        lines.insert(len(lines) - 1, "-" * max(len(x) for x in lines))
+    return lines

@@ -83,11 +83,12 @@ def _estimate_unit(kind: str, profile: str, path: str) -> Callable[[Callable[[],
             with memory_cap() as cap:
                 from ckpt_watchd.engine import source
 
-                source.open_checkpoint(path, need=cap.need).close()  # refusals before torch
+                # refusals come before torch, as in a strip
+                opened = source.open_checkpoint(path, need=cap.need, structure_only=True)
                 from ckpt_watchd.engine import estimate
 
                 on_torch()
-                return estimate.estimate_file(path, need=cap.need)
+                return estimate.estimate_file(path, need=cap.need, opened=opened)
         except CheckpointError as e:
             kind_ = "incomplete" if e.kind in ("torn", "empty") else "error"
             return {kind_: e.message}
@@ -211,21 +212,13 @@ def as_json(rows: Iterable[RunRow]) -> str:
 def table(rows: Iterable[RunRow]) -> str:
     rows = list(rows)
     header = ("run", "trainer", "state", "ckpts", "now", "after", "reclaimable")
-    body = [(display.printable(r.run), r.trainer, r.state, str(r.checkpoints),
-             display.size(r.bytes), display.size(r.bytes_after), display.size(r.reclaimable))
-            for r in rows]
+    body = [(r.run, r.trainer, r.state, str(r.checkpoints), display.size(r.bytes),
+             display.size(r.bytes_after), display.size(r.reclaimable)) for r in rows]
     total = ("total", "", f"{len(rows)} runs", str(sum(r.checkpoints for r in rows)),
              display.size(sum(r.bytes for r in rows)),
              display.size(sum(r.bytes_after for r in rows)),
              display.size(sum(r.reclaimable for r in rows)))
-    widths = [max(len(row[i]) for row in (header, *body, total)) for i in range(len(header))]
-
-    def line(cells: tuple[str, ...]) -> str:
-        left = [c.ljust(w) for c, w in zip(cells[:3], widths[:3], strict=True)]
-        right = [c.rjust(w) for c, w in zip(cells[3:], widths[3:], strict=True)]
-        return "  ".join(left + right).rstrip()
-
-    lines = [line(header), *map(line, body), "-" * len(line(header)), line(total)]
+    lines = display.table(header, body, total, right=(3, 4, 5, 6))
     notes = [f"  {display.printable(u.path)}: {display.printable(u.error)}"
              for r in rows for u in r.units if u.error]
     if notes:
