@@ -181,6 +181,12 @@ def test_unknown_log_format_is_refused() -> None:
          "ckpt.would_strip",
          {"path": "/r/last.pt", "run": "/r", "profile": "generic", "bytes_before": 9,
           "bytes_after": 4}),
+        (Outcome(path="/r/state_3", status=STRIPPED, profile="accelerate", bytes_before=9,
+                 bytes_after=4, reason="kept, of unknown purpose: custom_checkpoint_0.pkl"),
+         "ckpt.stripped",
+         {"path": "/r/state_3", "run": "/r", "profile": "accelerate", "bytes_before": 9,
+          "bytes_after": 4, "sha256_before": None, "sha256_after": None, "duration_s": 0.0,
+          "note": "kept, of unknown purpose: custom_checkpoint_0.pkl"}),
     ],
 )
 def test_outcome_event(outcome: Outcome, event: str, fields: dict[str, Any]) -> None:

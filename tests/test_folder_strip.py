@@ -782,3 +782,35 @@ def test_kill_9_many_ranks_and_replays(tmp_path: Path, monkeypatch: pytest.Monke
                                            rng=random.Random(20261202))
     assert kills + replays >= 1000, (kills, replays)
     assert verdicts["original"] > 0 and verdicts["stripped"] > 0, verdicts
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+def test_cli_strips_a_folder_and_names_its_profile(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`ckpt-watchd strip DIR` finds the folder's profile itself, says it, strips in place; a
+    torn folder is reported incomplete and left; a folder of no trainer fails; -o is refused."""
+    from ckpt_watchd import cli
+
+    hf = make_transformers(tmp_path / "out" / "checkpoint-3")
+    acc = make_accelerate(tmp_path / "project" / "checkpoint_1")
+    torn = make_transformers(tmp_path / "out" / "checkpoint-4")
+    (torn / "optimizer.pt").write_bytes(b"")
+    torn_before = snapshot(torn)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    capsys.readouterr()
+    assert cli.main(["strip", str(hf), str(acc), str(torn), str(plain)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{hf}: stripped (transformers) ")
+    assert lines[1].startswith(f"{acc}: stripped (accelerate) ")
+    assert "kept, of unknown purpose: custom_checkpoint_0.pkl" in lines[1]
+    assert lines[2].startswith(f"{torn}: incomplete, left as it is (")
+    assert lines[3] == f"{plain}: failed: not a checkpoint folder of a trainer we know"
+    assert sorted(snapshot(hf)) == ["config.json", "generation_config.json", "model.safetensors",
+                                    "trainer_state.json", "training_args.bin"]
+    assert "optimizer.bin" not in snapshot(acc) and "custom_checkpoint_0.pkl" in snapshot(acc)
+    assert snapshot(torn) == torn_before
+    assert cli.main(["strip", "-o", str(tmp_path / "x.pt"), str(hf)]) == 2
+    assert "a checkpoint folder is stripped in place" in capsys.readouterr().err

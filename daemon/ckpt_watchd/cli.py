@@ -193,17 +193,20 @@ DEFAULT_TIMEOUT = 1800.0
 
 
 def outcome_line(o: Any) -> str:
-    """One line per file, whatever its name or error contains."""
+    """One line per file or folder, whatever its name or error contains."""
     path = display.printable(o.path)
     if o.status == "failed":
         return f"{path}: failed: {display.printable(o.error)}"
     if o.status == "skipped":
         return f"{path}: skipped ({display.printable(o.reason)})"
+    if o.status == "incomplete":
+        return f"{path}: incomplete, left as it is ({display.printable(o.reason)})"
     verb = "would strip" if o.status == "would_strip" else "stripped"
     approx = "~" if o.status == "would_strip" else ""
     target = f" -> {display.printable(o.output)}" if o.output else ""
+    note = f"; {display.printable(o.reason)}" if o.reason else ""
     return (f"{path}: {verb} ({o.profile}) {_human(o.bytes_before)} -> "
-            f"{approx}{_human(o.bytes_after)}{target}")
+            f"{approx}{_human(o.bytes_after)}{target}{note}")
 
 
 def _timeout(p: argparse.ArgumentParser) -> None:
@@ -268,21 +271,50 @@ def _cmd_strip(argv: list[str]) -> int:
         p.error("-o/--output takes exactly one input PATH")
     if not ns.timeout > 0:
         p.error("--timeout must be > 0")
+    from ckpt_watchd.engine import atomic
+    from ckpt_watchd.ops.progress import Progress
     from ckpt_watchd.worker import StripJob, run_isolated
 
+    folders = {p for p in ns.paths if p.is_dir() and not p.is_symlink()}
+    if ns.output is not None and folders:
+        p.error("-o/--output writes one file: a checkpoint folder is stripped in place")
     if len(ns.paths) > 1:
         # each file is handled in a process of its own, forked from this one: import the torch
         # side once here instead of once per file (a single file is refused before torch)
         from ckpt_watchd.engine import checkpoint  # noqa: F401
 
+    sizes = {p: _size_of(p) for p in ns.paths}
+    progress = Progress(enabled=None if len(ns.paths) > 1 or max(sizes.values()) > _BIG
+                        else False)
+    progress.start(len(ns.paths), "stripping")
     failed = False
     for path in ns.paths:
-        outcome = run_isolated(StripJob(path=str(path), output=str(ns.output) if ns.output
-                                        else None, dry_run=ns.dry_run, half=ns.half),
-                               wall=ns.timeout)
+        dest = ns.output if ns.output is not None else path
+
+        def tick(path: Path = path, dest: Path = dest) -> None:
+            written = atomic.temp_bytes(dest)
+            progress.note(f"{display.printable(path.name)}: {_human(written)} written"
+                          if written else f"{display.printable(path.name)}")
+
+        job = StripJob(path=str(path), kind="folder" if path in folders else "file",
+                       output=str(ns.output) if ns.output else None, dry_run=ns.dry_run,
+                       half=ns.half)
+        outcome = run_isolated(job, wall=ns.timeout, tick=tick if progress.on else None)
         failed |= not outcome.ok
-        print(json.dumps(outcome.to_dict()) if ns.json else outcome_line(outcome), flush=True)
+        progress.advance()
+        progress.print(json.dumps(outcome.to_dict()) if ns.json else outcome_line(outcome))
+    progress.done()
     return 1 if failed else 0
+
+
+_BIG = 1 << 30  # one file this large gets a progress display of its own
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _cmd_inspect(argv: list[str]) -> int:

@@ -30,6 +30,7 @@ import structlog
 from ckpt_watchd.engine import atomic
 from ckpt_watchd.engine.profiles import common
 from ckpt_watchd.errors import FINAL_KINDS, StartupError
+from ckpt_watchd.ops.progress import Progress
 from ckpt_watchd.outcome import FAILED, INCOMPLETE, STRIPPED, WOULD_STRIP, Outcome
 from ckpt_watchd.records import audit
 from ckpt_watchd.records.state import GIVEN_UP, StateStore
@@ -94,8 +95,10 @@ class Service:
                  cadence: Callable[[Path, float | None], float | None] = watcher.cadence_hint,
                  in_use: Callable[[Path], int | None] = watcher.run_in_use,
                  claimer: Any = None, notifier: Any = None, metrics: Any = None,
-                 writers: WriterSource | None = None, writers_how: str = "off") -> None:
+                 writers: WriterSource | None = None, writers_how: str = "off",
+                 progress: Progress | None = None) -> None:
         self.s = settings
+        self.progress = progress  # --once on a terminal: jobs done out of jobs handed out
         self.store = store
         self.auditor = auditor
         self.clock, self.wall = clock, wall
@@ -508,6 +511,8 @@ class Service:
         return claims, elsewhere
 
     def _submit(self, run: Path, u: discover.UnitState, attempt: int) -> None:
+        if self.progress is not None:
+            self.progress.grow()
         self.pool.submit(StripJob(
             path=str(u.path), run=str(run), kind=u.kind, profile=u.unit.profile,
             also=tuple(str(a) for a in u.also), dry_run=self.s.dry_run, hashes=True,
@@ -515,6 +520,8 @@ class Service:
             archive_dir=str(self.s.archive_dir) if self.s.archive_dir else None))
 
     def _handle(self, job: StripJob, outcome: Outcome, now: float, wall: float) -> None:
+        if self.progress is not None:
+            self.progress.advance()
         if job.path in self._unit_work:
             self._handle_unit(job, outcome, now, wall)
             return
@@ -839,6 +846,8 @@ class Service:
             if claim is not None:
                 claim.release()
         self._drain_outcomes(self.clock(), self.wall())
+        if self.progress is not None:
+            self.progress.done()
         self.auditor.emit(audit.DAEMON_STOPPED, **self.counts)
         return 1 if (self.s.once and self.counts["failed"]) else 0
 
@@ -870,7 +879,14 @@ def run_daemon(settings: Settings) -> int:
     from ckpt_watchd.ops.notify import Notifier
     from ckpt_watchd.pool import WorkerPool
 
-    audit.configure_logging(settings.log_format, settings.log_level)
+    progress = Progress() if settings.once else None  # draws only on a terminal
+    if progress is not None and progress.on:
+        progress.start(0, "stripping")
+        audit.configure_logging(settings.log_format, settings.log_level,
+                                stream=progress.log_stream())
+    else:
+        progress = None
+        audit.configure_logging(settings.log_format, settings.log_level)
     if not settings.root.is_dir():
         raise StartupError(f"--root: {settings.root} is not a directory")
     if not os.access(settings.root, os.R_OK | os.X_OK):
@@ -897,7 +913,7 @@ def run_daemon(settings: Settings) -> int:
         writers, writers_how = WriterWatch.open()
     svc = Service(settings, store=store, auditor=auditor, pool_factory=make_pool,
                   claimer=_default_claimer(settings), notifier=notifier, metrics=metrics,
-                  writers=writers, writers_how=writers_how)
+                  writers=writers, writers_how=writers_how, progress=progress)
     if metrics is not None and settings.metrics_addr:
         from ckpt_watchd.ops import metrics as metrics_mod
 

@@ -322,14 +322,15 @@ def _reap(child: _Child) -> dict[str, Any] | Isolated:
 
 
 def isolated(work: Callable[[Callable[[], None]], dict[str, Any]], *, path: str,
-             wall: float) -> dict[str, Any]:
+             wall: float, tick: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run `work(on_torch)` in a forked child; its JSON-able result, or raise Isolated.
 
     The child has the CPU budget of the file at `path` (charged from the moment torch is
     imported, `on_torch`), its stdout/stderr on /dev/null and no core dump; the parent waits at
-    most `wall` seconds and kills it after that.
+    most `wall` seconds and kills it after that. `tick` is called every `_TICK` seconds while
+    it waits (a progress display).
     """
-    for _key, result in isolated_map([(None, work, path)], parallel=1, wall=wall):
+    for _key, result in isolated_map([(None, work, path)], parallel=1, wall=wall, tick=tick):
         if isinstance(result, Isolated):
             raise result
         return result
@@ -339,7 +340,11 @@ def isolated(work: Callable[[Callable[[], None]], dict[str, Any]], *, path: str,
 Task = tuple[Any, Callable[[Callable[[], None]], dict[str, Any]], str]
 
 
-def isolated_map(tasks: Iterable[Task], *, parallel: int, wall: float
+_TICK = 0.2
+
+
+def isolated_map(tasks: Iterable[Task], *, parallel: int, wall: float,
+                 tick: Callable[[], None] | None = None
                  ) -> Iterator[tuple[Any, dict[str, Any] | Isolated]]:
     """Run each (key, work, path) in a forked child, `parallel` at a time; yield (key, result).
 
@@ -360,7 +365,11 @@ def isolated_map(tasks: Iterable[Task], *, parallel: int, wall: float
             if not running:
                 return
             left = min(c.deadline for _k, c in running.values()) - time.monotonic()
+            if tick is not None:
+                left = min(left, _TICK)
             ready, _, _ = select.select(list(running), [], [], max(0.0, left))
+            if tick is not None:
+                tick()
             now = time.monotonic()
             for fd in ready:
                 key, child = running[fd]
@@ -396,12 +405,13 @@ def _death(status: int, budget: float) -> tuple[str, str]:
     return "crash", f"its process crashed (exit code {os.WEXITSTATUS(status)})"
 
 
-def run_isolated(job: StripJob, *, wall: float) -> Outcome:
+def run_isolated(job: StripJob, *, wall: float,
+                 tick: Callable[[], None] | None = None) -> Outcome:
     """`run_job` in a process of its own (see `isolated`)."""
     started = time.monotonic()
     try:
         result = isolated(lambda on_torch: run_job(job, on_torch=on_torch).to_wire(),
-                          path=job.path, wall=wall)
+                          path=job.path, wall=wall, tick=tick)
     except Isolated as e:
         from ckpt_watchd.engine import atomic
 

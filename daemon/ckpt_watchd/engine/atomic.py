@@ -267,6 +267,21 @@ def sha256_path(path: Path) -> str:
         os.close(fd)
 
 
+def temp_bytes(dest: Path) -> int:
+    """Bytes written so far into the temp files of one destination (a progress display)."""
+    prefix = f"{TEMP_PREFIX}{dest.name}."
+    total = 0
+    try:
+        with os.scandir(dest.parent) as it:
+            for entry in it:
+                if entry.name.startswith(prefix) and entry.name.endswith(TEMP_SUFFIX):
+                    with contextlib.suppress(OSError):
+                        total += entry.stat(follow_symlinks=False).st_size
+    except OSError:
+        pass
+    return total
+
+
 def remove_temps_for(dest: Path) -> list[Path]:
     """Delete the temp files of one destination (after its worker was killed mid-write)."""
     prefix = f"{TEMP_PREFIX}{dest.name}."

@@ -41,15 +41,19 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
-def configure_logging(log_format: str, level: str) -> None:
-    """Set up the stderr log: `console` (colours only on a tty) or `json`; UTC ISO timestamps."""
+def configure_logging(log_format: str, level: str, stream: TextIO | None = None) -> None:
+    """Set up the stderr log: `console` (colours only on a tty) or `json`; UTC ISO timestamps.
+
+    `stream`: where the lines go instead of stderr itself (`--once`'s progress bar hands a
+    stream that keeps them out of the bar)."""
+    out = stream if stream is not None else sys.stderr
     if log_format not in ("console", "json"):
         raise ValueError(f"unknown log format {log_format!r}")
     renderer: Any
     if log_format == "json":
         renderer = structlog.processors.JSONRenderer(default=str)
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -57,7 +61,7 @@ def configure_logging(log_format: str, level: str) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(out),
         # caching would pin loggers to this configuration and defeat capture_logs in tests
         cache_logger_on_first_use=False,
     )
@@ -138,10 +142,15 @@ def outcome_event(outcome: Outcome, *, run: str, attempt: int) -> tuple[str, dic
             "sha256_after": o.sha256_after, "duration_s": round(o.duration_s, 3)}
         if o.output is not None:
             fields["output"] = o.output
+        if o.reason is not None:  # a folder's files of unknown purpose, kept
+            fields["note"] = o.reason
         return CKPT_STRIPPED, fields
     if o.status == WOULD_STRIP:
-        return CKPT_WOULD_STRIP, {"path": o.path, "run": run, "profile": o.profile,
-                                  "bytes_before": o.bytes_before, "bytes_after": o.bytes_after}
+        fields = {"path": o.path, "run": run, "profile": o.profile,
+                  "bytes_before": o.bytes_before, "bytes_after": o.bytes_after}
+        if o.reason is not None:
+            fields["note"] = o.reason
+        return CKPT_WOULD_STRIP, fields
     if o.status == SKIPPED:
         return CKPT_SKIPPED, {"path": o.path, "run": run, "reason": o.reason}
     if o.status == INCOMPLETE:
