@@ -814,3 +814,31 @@ def test_cli_strips_a_folder_and_names_its_profile(tmp_path: Path,
     assert snapshot(torn) == torn_before
     assert cli.main(["strip", "-o", str(tmp_path / "x.pt"), str(hf)]) == 2
     assert "a checkpoint folder is stripped in place" in capsys.readouterr().err
+
+
+def test_cli_inspects_a_folder_without_changing_it(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """`inspect DIR`: the profile, each file with what a strip does to it, the size after."""
+    from ckpt_watchd import cli
+
+    acc = make_accelerate(tmp_path / "project" / "checkpoint_1")
+    before = identity(acc)
+    capsys.readouterr()
+    assert cli.main(["inspect", "--json", str(acc)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["profile"] == "accelerate"
+    assert {f["name"] for f in r["remove"]} == {"optimizer.bin", "scheduler.bin", "sampler.bin",
+                                                "random_states_0.pkl"}
+    assert [f["name"] for f in r["keep"]] == ["model.safetensors"]
+    assert [f["name"] for f in r["unknown"]] == ["custom_checkpoint_0.pkl"]
+    sizes = {p.name: p.stat().st_size for p in acc.iterdir()}
+    assert r["bytes"] == sum(sizes.values())
+    assert r["bytes_after_strip"] == sizes["model.safetensors"] + sizes["custom_checkpoint_0.pkl"]
+    assert cli.main(["inspect", str(acc)]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert text[0].endswith("a checkpoint folder, trainer: accelerate")
+    assert any(line.split()[0] == "optimizer.bin" and line.endswith("removed by a strip")
+               for line in text)
+    assert identity(acc) == before
+    assert cli.main(["inspect", str(tmp_path)]) == 1
+    assert "not a checkpoint folder of a trainer we know" in capsys.readouterr().err

@@ -324,6 +324,8 @@ def _cmd_inspect(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     _timeout(p)
     ns = p.parse_args(argv)
+    if ns.path.is_dir() and not ns.path.is_symlink():
+        return _inspect_folder(ns.path, as_json=ns.json)
     from ckpt_watchd.worker import inspect_isolated
 
     report, error = inspect_isolated(ns.path, wall=ns.timeout)
@@ -336,6 +338,38 @@ def _cmd_inspect(argv: list[str]) -> int:
         print(json.dumps(report, indent=2))
         return 0
     print(format_inspection(report))
+    return 0
+
+
+def _inspect_folder(path: Path, *, as_json: bool) -> int:
+    """A checkpoint folder: nothing is unpickled, so no worker process is needed."""
+    from ckpt_watchd.engine import folder
+    from ckpt_watchd.errors import CheckpointError
+
+    try:
+        r = folder.inspect_folder(path)
+    except (CheckpointError, OSError) as e:
+        print(f"{display.printable(path)}: failed: {display.printable(e)}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(r, indent=2))
+        return 0
+    lines = [f"{display.printable(r['path'])}: {_human(r['bytes'])}, a checkpoint folder, "
+             f"trainer: {r['profile']}"]
+    for group, what in (("remove", "removed by a strip"), ("keep", "kept byte-identical"),
+                        ("unknown", "kept, of unknown purpose")):
+        for f in r[group]:
+            lines.append(f"  {display.printable(f['name']):<40} {_human(f['bytes']):>10}  {what}")
+    if r["unsupported"] or r["incomplete"]:
+        why = (f"not supported: {r['unsupported']}" if r["unsupported"]
+               else f"incomplete: {r['incomplete']}")
+        lines.append(f"  not strippable: {display.printable(why)}; a strip leaves it as it is")
+    elif not r["remove"]:
+        lines.append("  already stripped: no optimizer-side file left")
+    else:
+        lines.append(f"  after a strip: {_human(r['bytes_after_strip'])} "
+                     f"(saves {_human(r['bytes'] - r['bytes_after_strip'])})")
+    print("\n".join(lines))
     return 0
 
 

@@ -421,6 +421,25 @@ def strip_folder(path: Path, *, profile: str, dry_run: bool = False,
                        duration_s=time.monotonic() - started, **base)
 
 
+def inspect_folder(path: Path) -> dict[str, Any]:
+    """`inspect DIR`: the folder's profile and what a strip would remove, keep and report, each
+    file with its size; changes nothing. Raises UnrecognisedLayout for a folder of no trainer."""
+    folder = Path(path)
+    prof = _profile(folder, "")
+    plan: common.FolderPlan = prof.plan(folder)
+
+    def sized(names: tuple[str, ...]) -> list[dict[str, Any]]:
+        return [{"name": n, "bytes": plan.facts[n][1] if n in plan.facts else None}
+                for n in names]
+
+    files = {"remove": sized(plan.remove), "keep": sized(plan.keep),
+             "unknown": sized(plan.unknown)}
+    size = sum(f["bytes"] or 0 for group in files.values() for f in group)
+    return {"path": str(folder), "profile": prof.NAME, "bytes": size,
+            "bytes_after_strip": size - sum(f["bytes"] or 0 for f in files["remove"]),
+            "incomplete": plan.incomplete, "unsupported": plan.unsupported, **files}
+
+
 def _profile(folder: Path, name: str) -> Any:
     """The named folder profile, or the first whose discovery claims this folder."""
     p = registry.BY_NAME.get(name)
