@@ -190,17 +190,17 @@ def _save(obj: Any, writer: atomic.RecordingWriter, source: Path,
           loaded: safeload.Loaded) -> zipwrite.Written | None:
     """Serialise `obj` into the temp file; returns the record layout when `zipwrite` wrote it.
 
-    `zipwrite` copies the storages that are unchanged bytes of the source file straight from it;
-    `torch.save` is the fallback for files that need zip64 or a torch whose serialiser differs.
+    `zipwrite` copies the storages that are unchanged bytes of the source file straight from it,
+    zip64 or not; `torch.save` is the fallback only for a torch whose serialiser internals
+    differ from what `zipwrite` relies on (`zipwrite.available`).
     """
     src_fd: int | None = None
     protocol = output_protocol(loaded.scan)
     try:
         with standin.importable() as fast:
             pickler: Any = pickle.Pickler if fast else standin.StandInPickler
-            if not (zipwrite.available()
-                    and zipwrite.fits(loaded.facts.size, len(loaded.sources) + 1)):
-                # a strip never grows a file: one that was a plain zip stays one
+            if not zipwrite.available():
+                # torch.save reads every kept storage into memory: only where zipwrite cannot
                 module = types.SimpleNamespace(Pickler=pickler, dump=pickle.dump,
                                                dumps=pickle.dumps, __name__="ckpt_watchd.save")
                 torch.save(obj, cast(IO[bytes], writer), pickle_module=module,
@@ -277,9 +277,9 @@ def verify(expected: dict[Any, Any], written: Path, layout: zipwrite.Written | N
     written, naming the storages in the order, dtypes and sizes that were saved; records written
     from memory must match the CRC-32 computed while writing; records copied from the source are
     read whole and compared with the bytes torch mapped from the source, and with their CRC-32.
-    No weight is loaded. For a file `torch.save` wrote (the zip64 fallback) each tensor's dtype,
-    shape, strides, offset, requires_grad and storage size is compared with `expected`, and every
-    record is read against its CRC-32.
+    No weight is loaded. For a file `torch.save` wrote (the fallback where `zipwrite` is not
+    available) each tensor's dtype, shape, strides, offset, requires_grad and storage size is
+    compared with `expected`, and every record is read against its CRC-32.
     """
     try:
         structure = safeload.load_structure(written)

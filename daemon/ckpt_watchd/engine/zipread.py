@@ -102,10 +102,12 @@ def _end_record(fd: int, size: int) -> tuple[int, int, int, int]:
     if disk != 0 or disk_cd != 0 or n_here != n_all:
         raise _bad("a multi-disk archive")
     cd_end = eocd
+    zip64 = False
     loc = eocd - END64_LOCATOR.size
     if loc >= 0:
         sig, disk64, end64_at, disks = END64_LOCATOR.unpack(_pread(fd, END64_LOCATOR.size, loc))
         if sig == SIG_END64_LOCATOR:
+            zip64 = True
             if disk64 != 0 or disks != 1 or end64_at + END64.size > loc:
                 raise _bad("a zip64 locator that points elsewhere")
             (sig64, rec_size, _made, _need, d, dcd, n64_here, n64_all, cd64_size,
@@ -118,7 +120,9 @@ def _end_record(fd: int, size: int) -> tuple[int, int, int, int]:
                 if small != sentinel and small != big:
                     raise _bad("zip64 and plain end records that disagree")
             n_all, cd_size, cd_offset, cd_end = n64_all, cd64_size, cd64_offset, end64_at
-    if n_all == _U16 or _U32 in (cd_size, cd_offset):
+    # (only the plain record's fields can be sentinels: in a zip64 one, 65,535 records or a
+    # directory at 0xFFFFFFFF are values)
+    if not zip64 and (n_all == _U16 or _U32 in (cd_size, cd_offset)):
         raise _bad("a zip64 archive without its zip64 end record")
     if cd_offset + cd_size != cd_end:
         raise _bad("bytes between the central directory and the end record")
@@ -126,7 +130,10 @@ def _end_record(fd: int, size: int) -> tuple[int, int, int, int]:
 
 
 def _zip64_extra(extra: bytes, fields: list[int]) -> list[int]:
-    """Replace the 0xFFFFFFFF fields (usize, csize, offset in that order) from the zip64 extra."""
+    """Replace the 0xFFFFFFFF fields (usize, csize, offset in that order) from the zip64 extra.
+
+    Also for a local header (`fields` = usize, csize): there the zip64 field must hold both.
+    """
     at = 0
     while at + 4 <= len(extra):
         tag, length = struct.unpack_from("<HH", extra, at)
@@ -225,6 +232,12 @@ def read_archive(fd: int, size: int) -> Archive:
         if stated != (crc, usize, usize) and not (flags & FLAG_DESCRIPTOR and stated == (0, 0, 0)) \
                 and not (lcsize == lusize == _U32 and lcrc == crc):
             raise _bad(f"record {name!r}: its local header states other sizes or CRC")
+        if lcsize == lusize == _U32 and stated != (crc, usize, usize):
+            # the sizes are in the local header's zip64 field: a reader that streams the zip
+            # (no central directory) takes them from there, so they must be the same sizes
+            lextra = _pread(fd, lelen, lho + LOCAL.size + lnlen)
+            if _zip64_extra(lextra, [_U32, _U32]) != [usize, usize]:
+                raise _bad(f"record {name!r}: its local header states other sizes or CRC")
         data_offset = lho + LOCAL.size + lnlen + lelen
         if data_offset + usize > nxt:
             if nxt == cd_offset and data_offset + usize > size:

@@ -10,8 +10,9 @@ thread while the pickling runs, and keeps its record names, so the pickle names 
 their source keys and the central directory reuses the source's CRC-32s. Everything else is
 written from memory. Not byte-identical to `torch.save` (record order, names, no data descriptors
 of our own), so `torch.utils.serialization.config.load.calculate_storage_offsets`, which assumes
-torch's exact layout, must stay off (its default). No zip64: `fits` tells the caller when to fall
-back to `torch.save`. Imports torch: worker processes and one-shot commands only.
+torch's exact layout, must stay off (its default). Zip64 where a size, an offset or the record
+count needs it, and only there: a 13 GB checkpoint is written like a small one, its kept weights
+copied by the kernel. Imports torch: worker processes and one-shot commands only.
 """
 
 from __future__ import annotations
@@ -35,16 +36,27 @@ from typing import Any
 
 import torch
 
-from ckpt_watchd.engine.zipread import LOCAL, Record
+from ckpt_watchd.engine.zipread import (
+    CENTRAL,
+    END,
+    END64,
+    END64_LOCATOR,
+    LOCAL,
+    SIG_CENTRAL,
+    SIG_END,
+    SIG_END64,
+    SIG_END64_LOCATOR,
+    SIG_LOCAL,
+    Record,
+)
 from ckpt_watchd.errors import SourceChanged
 
 ARCHIVE = "archive/"
-_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
-_END = struct.Struct("<IHHHHIIH")
 _UTF8 = 0x0800
 _PAD_ID = b"FB"  # torch's own padding extra field: "FB", a length, then that many b"Z"
-_ZIP32_LIMIT = 0xFFFF_FFFF - (64 << 20)  # stay well clear of the fields' 32-bit ceiling
-_MAX_RECORDS = 0xFFFF - 16
+_U16, _U32 = 0xFFFF, 0xFFFF_FFFF  # a field's ceiling, and the sentinel that sends readers to zip64
+_ZIP64_ID = 0x0001  # the zip64 extended information extra field
+_ZIP64_VERSION = 45  # "version needed to extract" of what has zip64 fields (APPNOTE 4.4.3.2)
 _CHUNK = 1 << 20
 # copy_file_range refuses these (other filesystem, old kernel, special files): copy by hand
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF,
@@ -79,9 +91,67 @@ def available() -> bool:
         (torch.serialization, "location_tag"), (torch.serialization, "_get_storage_alignment")))
 
 
-def fits(payload_bytes: int, records: int) -> bool:
-    """Whether a file of about this many bytes and records can be written without zip64."""
-    return payload_bytes + 512 * (records + 8) < _ZIP32_LIMIT and records + 8 < _MAX_RECORDS
+# ------------------------------------------------------------------------------ zip64 layout
+# A field holds its value when the value is below its ceiling; at or above it, the field holds
+# the sentinel and the value goes into a zip64 field (an exact 0xFFFFFFFF is a sentinel too).
+
+
+def _zip64_extra(values: list[int]) -> bytes:
+    """The zip64 extra field holding `values` (in the order the format fixes), or nothing."""
+    if not values:
+        return b""
+    return struct.pack(f"<HH{len(values)}Q", _ZIP64_ID, 8 * len(values), *values)
+
+
+def local_header(raw_name: bytes, size: int, crc: int, pad: int) -> bytes:
+    """The local header of a stored record written from memory, then `pad` bytes of torch's padding.
+
+    No data descriptor: the CRC-32 and size are known before the write. A size of 4 GiB or more
+    goes into a zip64 field carrying both sizes (a local header's zip64 field must hold both,
+    and never an offset).
+    """
+    extra = _zip64_extra([size, size] if size >= _U32 else [])
+    small = min(size, _U32)
+    return LOCAL.pack(SIG_LOCAL, _ZIP64_VERSION if extra else 0, _UTF8, 0, 0, 0, crc, small,
+                      small, len(raw_name), len(extra) + 4 + pad) + raw_name + extra + \
+        _PAD_ID + struct.pack("<H", pad) + b"Z" * pad
+
+
+def local_zip64_length(size: int) -> int:
+    """Bytes `local_header` adds for zip64 before the padding field (0, or 20 for a large record)."""
+    return len(_zip64_extra([size, size])) if size >= _U32 else 0
+
+
+def central_entry(raw_name: bytes, flags: int, crc: int, size: int, offset: int) -> bytes:
+    """A central directory entry; the sizes and the offset that need 64 bits in its zip64 field."""
+    big_size, big_offset = size >= _U32, offset >= _U32
+    extra = _zip64_extra(([size, size] if big_size else []) + ([offset] if big_offset else []))
+    version = _ZIP64_VERSION if extra else 0
+    small = min(size, _U32)
+    return CENTRAL.pack(SIG_CENTRAL, version, version, flags, 0, 0, 0, crc, small, small,
+                        len(raw_name), len(extra), 0, 0, 0, 0, min(offset, _U32)) + raw_name + extra
+
+
+def needs_zip64_end(count: int, cd_size: int, cd_offset: int) -> bool:
+    """Whether the end of the archive needs the zip64 end record and its locator."""
+    return count >= _U16 or cd_size >= _U32 or cd_offset >= _U32
+
+
+def end_records(count: int, cd_size: int, cd_offset: int) -> bytes:
+    """What follows the central directory: [zip64 end record, locator,] the plain end record.
+
+    The zip64 pair is written when the count, the directory's size or its offset reach their
+    field's ceiling; the plain record then holds each such value as its sentinel (the others as
+    they are, like zipfile and miniz write them), so every reader takes them from the zip64 one.
+    """
+    out = b""
+    if needs_zip64_end(count, cd_size, cd_offset):
+        end64_at = cd_offset + cd_size
+        out = END64.pack(SIG_END64, END64.size - 12, _ZIP64_VERSION, _ZIP64_VERSION, 0, 0, count,
+                         count, cd_size, cd_offset) + \
+            END64_LOCATOR.pack(SIG_END64_LOCATOR, 0, end64_at, 1)
+    n = min(count, _U16)
+    return out + END.pack(SIG_END, 0, 0, n, n, min(cd_size, _U32), min(cd_offset, _U32), 0)
 
 
 def _reduce_ordered_dict(od: collections.OrderedDict[Any, Any]) -> tuple[Any, ...]:
@@ -231,23 +301,18 @@ class _Writer:
         self.alignment = alignment
         self.prefix = ARCHIVE
         self.offset = 0
-        self._central: list[tuple[int, bytes]] = []  # (sort rank, entry)
+        # (sort rank, name, flags, CRC-32, size, local header offset): packed by `finish`
+        self._central: list[tuple[int, bytes, int, int, int, int]] = []
         self.written = Written()
 
     def _local(self, name: str, size: int, crc: int, extra_to: int | None = None) -> bytes:
         raw = (self.prefix + name).encode("utf-8")
-        if self.offset + size > _ZIP32_LIMIT or len(self._central) >= _MAX_RECORDS:
-            raise ValueError("checkpoint too large for a zip without zip64")
-        fixed = self.offset + LOCAL.size + len(raw) + 4
+        fixed = self.offset + LOCAL.size + len(raw) + local_zip64_length(size) + 4
         # data aligned like torch aligns it; or, for the lead record, its end at `extra_to`
         pad = (-fixed) % self.alignment if extra_to is None else (extra_to - fixed - size) % self.alignment
-        extra = _PAD_ID + struct.pack("<H", pad) + b"Z" * pad
         rank = 0 if name == "data.pkl" else 1  # torch takes the archive name from the first entry
-        self._central.append((rank, _CENTRAL.pack(
-            0x02014B50, 0, 0, _UTF8, 0, 0, 0, crc, size, size, len(raw), 0, 0, 0, 0, 0,
-            self.offset) + raw))
-        return LOCAL.pack(0x04034B50, 0, _UTF8, 0, 0, 0, crc, size, size, len(raw),
-                          len(extra)) + raw + extra
+        self._central.append((rank, raw, _UTF8, crc, size, self.offset))
+        return local_header(raw, size, crc, pad)
 
     def add(self, name: str, data: bytes | memoryview, *, end_residue: int | None = None) -> None:
         header = self._local(name, len(data), zlib.crc32(data), end_residue)
@@ -263,10 +328,15 @@ class _Writer:
         self.add(name, view)
 
     def add_copied(self, rec: Record, out_header: int) -> None:
+        # The local header was copied verbatim: its flags (a data descriptor follows the data, in
+        # torch's files) must be the entry's. Its own zip64 field, if any (miniz writes one with
+        # the sizes when they need it, and with the record's offset in the *source* when that
+        # is past 4 GiB), describes the source: no reader takes an offset from a local header,
+        # and the descriptor keeps the 8-byte sizes that field announces, so both travel as
+        # they are. The entry states the record as the source's central directory did (CRC-32,
+        # size) at its place in this file, and gets zip64 fields for what this file needs.
         raw = rec.name.encode("utf-8")
-        self._central.append((1, _CENTRAL.pack(
-            0x02014B50, 0, 0, rec.flags, 0, 0, 0, rec.crc, rec.size, rec.size, len(raw), 0, 0,
-            0, 0, 0, out_header) + raw))
+        self._central.append((1, raw, rec.flags, rec.crc, rec.size, out_header))
 
     def start_runs(self, src_fd: int | None, runs: list[tuple[Record, ...]]) -> _Copier:
         """Write the lead record, place the runs (each as aligned as in the source), start copying."""
@@ -282,19 +352,16 @@ class _Writer:
             run = _Run(records, out)
             placed.append(run)
             self.offset = out + run.length
-        if self.offset > _ZIP32_LIMIT:
-            raise ValueError("checkpoint too large for a zip without zip64")
         copier = _Copier(self, src_fd, placed)
         copier.start()
         return copier
 
     def finish(self) -> Written:
         start = self.offset
-        entries = b"".join(e for _, e in sorted(self._central, key=lambda x: x[0]))
-        count = len(self._central)
-        self._pwrite(entries + _END.pack(0x06054B50, 0, 0, count, count, len(entries), start, 0),
-                     start)
-        self.offset = start + len(entries) + _END.size
+        entries = b"".join(central_entry(*e[1:]) for e in sorted(self._central, key=lambda x: x[0]))
+        tail = entries + end_records(len(self._central), len(entries), start)
+        self._pwrite(tail, start)
+        self.offset = start + len(tail)
         self.written.size = self.offset
         return self.written
 
