@@ -184,3 +184,26 @@ def test_importing_the_profiles_does_not_import_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          timeout=60)
     assert out.stdout.strip() == "False"
+
+
+def test_profiles_never_import_one_another_or_the_dispatcher() -> None:
+    """Each trainer profile stands alone: it may use the shared helpers (`common`, `files`), never
+    another profile, the registry or the dispatcher (`engine.strip`)."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(registry.__file__).parent
+    profiles = {p.NAME: Path(p.__file__).stem for p in registry.PROFILES}
+    forbidden = {f"ckpt_watchd.engine.profiles.{m}" for m in (*profiles.values(), "registry")}
+    forbidden.add("ckpt_watchd.engine.strip")
+    for stem in profiles.values():
+        tree = ast.parse((folder / f"{stem}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+        assert not imported & forbidden, (stem, imported & forbidden)
+    assert set(profiles.values()) >= {"yolov5", "ultralytics", "transformers", "accelerate",
+                                      "lightning", "timm", "mmengine", "generic"}

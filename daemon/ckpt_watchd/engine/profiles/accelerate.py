@@ -27,16 +27,10 @@ exactly where its header says), or no `random_states_<rank>.pkl` (written after 
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import stat
-import struct
 from pathlib import Path
 
-from ckpt_watchd.engine import zipread
-from ckpt_watchd.engine.profiles import common
-from ckpt_watchd.errors import NotACheckpoint, TornWrite
+from ckpt_watchd.engine.profiles import common, files
 
 NAME = "accelerate"
 KIND = common.FOLDER
@@ -57,11 +51,6 @@ _UNSUPPORTED = (
     (re.compile(r"iter_\d+"), True, "a Megatron-LM"),
     (re.compile(r"latest_checkpointed_iteration\.txt"), False, "a Megatron-LM"),
 )
-_HEADER_LIMIT = 100 << 20  # the safetensors library's own limit
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
-                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO never blocks
-_OWN = ".ckpt-watchd-"  # the daemon's own names (a strip's journal): never the trainer's
 
 
 def discover(look: common.Look) -> common.Found | None:
@@ -80,18 +69,18 @@ def discover(look: common.Look) -> common.Found | None:
 
 
 def plan(folder: Path) -> common.FolderPlan:
-    entries = _entries(folder)
+    entries = files.entries(folder)
     names = sorted(entries)
     for name in names:
         for regex, is_dir, what in _UNSUPPORTED:
             if regex.fullmatch(name) and is_dir in (None, entries[name] == "dir"):
                 return common.FolderPlan(unsupported=f"{what} state folder ({name}): its "
                                          "weights may live in the optimizer-side files")
-    files = [n for n in names if entries[n] == "file"]
+    regular = [n for n in names if entries[n] == "file"]
     # the optimizer goes last: until then discovery still knows the folder for a replay
-    remove = tuple(sorted((n for n in files if _REMOVE.fullmatch(n)),
+    remove = tuple(sorted((n for n in regular if _REMOVE.fullmatch(n)),
                           key=lambda n: (_OPTIMIZER.fullmatch(n) is not None, n == "optimizer.bin", n)))
-    keep = tuple(n for n in files if _MODEL.fullmatch(n))
+    keep = tuple(n for n in regular if _MODEL.fullmatch(n))
     unknown = tuple(n + ("/" if entries[n] == "dir" else "") for n in names
                     if n not in remove and n not in keep)
     if remove and not keep:
@@ -99,7 +88,9 @@ def plan(folder: Path) -> common.FolderPlan:
     facts: dict[str, tuple[int, int, int]] = {}
     problem = None
     for name in (*remove, *keep, *(n for n in unknown if entries.get(n) == "file")):
-        fact, why = _check(folder, name, checked=name in remove or name in keep)
+        kind = (None if name not in remove and name not in keep
+                else files.SAFETENSORS if name.endswith(".safetensors") else files.ZIP)
+        fact, why = files.check(folder, name, kind)
         if fact is not None:
             facts[name] = fact
         problem = problem or why
@@ -107,85 +98,3 @@ def plan(folder: Path) -> common.FolderPlan:
         problem = ("no random_states_<rank>.pkl (save_state writes it after the optimizer): "
                    "a save that did not finish")
     return common.FolderPlan(remove, keep, unknown, facts, incomplete=problem)
-
-
-def _entries(folder: Path) -> dict[str, str]:
-    """Name -> "file", "dir" or "other" (symlinks, FIFOs: never followed); none of our own."""
-    out = {}
-    with os.scandir(folder) as it:
-        for e in it:
-            if e.name.startswith(_OWN):
-                continue
-            kind = "other"
-            if e.is_dir(follow_symlinks=False):
-                kind = "dir"
-            elif e.is_file(follow_symlinks=False):
-                kind = "file"
-            out[e.name] = kind
-    return out
-
-
-def _check(folder: Path, name: str, *, checked: bool
-           ) -> tuple[tuple[int, int, int] | None, str | None]:
-    """(inode, size, mtime_ns) of the file, and why it looks unfinished (None: it does not)."""
-    try:
-        fd = os.open(folder / name, _OPEN)
-    except OSError as e:
-        return None, f"{name} cannot be read ({e.strerror})"
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None, f"{name} is no longer a regular file"
-        fact = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if not checked:
-            return fact, None
-        if st.st_size == 0:
-            return fact, f"{name} is empty (0 bytes): a save that did not finish"
-        if name.endswith(".safetensors"):
-            return fact, _safetensors_problem(fd, name, st.st_size)
-        try:
-            zipread.read_archive(fd, st.st_size)
-        except TornWrite:
-            return fact, f"{name} is not a complete torch zip (torn): a save that did not finish"
-        except NotACheckpoint as e:
-            return fact, f"{name} is not a torch zip ({e.message})"
-        return fact, None
-    finally:
-        os.close(fd)
-
-
-def _safetensors_problem(fd: int, name: str, size: int) -> str | None:
-    torn = f"{name} is torn: a save that did not finish"
-    if size < 8:
-        return torn
-    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-    if n > min(size - 8, _HEADER_LIMIT):
-        return torn
-    try:
-        header = json.loads(os.pread(fd, n, 8))
-    except ValueError:
-        return f"{name} has a header that is not JSON"
-    if not isinstance(header, dict):
-        return f"{name} has a header that is not a table of tensors"
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        shape = info.get("shape") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and isinstance(shape, list)
-                and all(type(v) is int for v in (*offsets, *shape))
-                and 0 <= offsets[0] <= offsets[1]):
-            return f"{name} has a header entry {key[:60]!r} without valid offsets"
-        dtype = info.get("dtype")
-        width = _DTYPE_BYTES.get(dtype) if isinstance(dtype, str) else None
-        count = 1
-        for dim in shape:
-            count *= dim
-        if width is not None and count * width != offsets[1] - offsets[0]:
-            return f"{name} has a tensor {key[:60]!r} whose bytes do not match its shape"
-        end = max(end, offsets[1])
-    if 8 + n + end != size:
-        return (f"{name} holds {size} bytes but its header says {8 + n + end}: "
-                "a save that did not finish")
-    return None

@@ -3,7 +3,8 @@ module helpers a strip uses on a loaded checkpoint (real torch objects and stand
 
 Importing this module does not import torch (discovery runs in the daemon's main process); the
 helpers that touch tensors import it when first called, in a worker. Profiles import this module
-and nothing else of the package: never one another, never the dispatcher.
+(the folder profiles also `files`, their file checks) and nothing else of the package: never one
+another, never the dispatcher.
 """
 
 from __future__ import annotations

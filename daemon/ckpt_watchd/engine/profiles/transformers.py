@@ -32,13 +32,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import stat
-import struct
 from pathlib import Path
 
-from ckpt_watchd.engine import zipread
-from ckpt_watchd.engine.profiles import common
-from ckpt_watchd.errors import NotACheckpoint, TornWrite
+from ckpt_watchd.engine.profiles import common, files
 
 NAME = "transformers"
 KIND = common.FOLDER
@@ -65,12 +61,6 @@ _UNSUPPORTED = (
     (re.compile(r"rank\d+-of-\d+-.+"), False, "an XLA FSDP"),
     (re.compile(r"user_content\.pt|optimizer\.pt_.+"), False, "a SageMaker model parallel"),
 )
-_JSON_LIMIT = 64 << 20  # configs, tokenizers, indexes; larger ones are only checked non-empty
-_HEADER_LIMIT = 100 << 20  # the safetensors library's own limit
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2,
-                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-_OPEN = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO never blocks
-_OWN = ".ckpt-watchd-"  # the daemon's own names (a strip's journal): never the trainer's
 
 
 def discover(look: common.Look) -> common.Found | None:
@@ -88,16 +78,16 @@ def discover(look: common.Look) -> common.Found | None:
 
 
 def plan(folder: Path) -> common.FolderPlan:
-    entries = _entries(folder)
+    entries = files.entries(folder)
     names = sorted(entries)
     for name in names:
         for regex, is_dir, what in _UNSUPPORTED:
             if regex.fullmatch(name) and is_dir in (None, entries[name] == "dir"):
                 return common.FolderPlan(unsupported=f"{what} checkpoint ({name}): its "
                                          "weights may live in the optimizer-side files")
-    files = [n for n in names if entries[n] == "file"]
-    remove = tuple(n for n in files if _REMOVE.fullmatch(n))
-    keep = tuple(n for n in files if n not in remove and _KEEP.fullmatch(n))
+    regular = [n for n in names if entries[n] == "file"]
+    remove = tuple(n for n in regular if _REMOVE.fullmatch(n))
+    keep = tuple(n for n in regular if n not in remove and _KEEP.fullmatch(n))
     unknown = tuple(n + ("/" if entries[n] == "dir" else "") for n in names
                     if n not in remove and n not in keep)
     if remove and not any(_WEIGHTS.fullmatch(n) for n in keep):
@@ -105,7 +95,8 @@ def plan(folder: Path) -> common.FolderPlan:
     facts: dict[str, tuple[int, int, int]] = {}
     problem = None
     for name in (*remove, *keep, *(n for n in unknown if entries.get(n) == "file")):
-        fact, why = _check(folder, name, removing=name in remove, known=name in keep)
+        fact, why = files.check(folder, name, _kind(name, removing=name in remove,
+                                                     known=name in keep))
         if fact is not None:
             facts[name] = fact
         problem = problem or why
@@ -118,99 +109,15 @@ def plan(folder: Path) -> common.FolderPlan:
     return common.FolderPlan(remove, keep, unknown, facts, incomplete=problem)
 
 
-def _entries(folder: Path) -> dict[str, str]:
-    """Name -> "file", "dir" or "other" (symlinks, FIFOs: never followed); none of our own."""
-    out = {}
-    with os.scandir(folder) as it:
-        for e in it:
-            if e.name.startswith(_OWN):
-                continue
-            kind = "other"
-            if e.is_dir(follow_symlinks=False):
-                kind = "dir"
-            elif e.is_file(follow_symlinks=False):
-                kind = "file"
-            out[e.name] = kind
-    return out
-
-
-def _check(folder: Path, name: str, *, removing: bool, known: bool
-           ) -> tuple[tuple[int, int, int] | None, str | None]:
-    """(inode, size, mtime_ns) of the file, and why it looks unfinished (None: it does not)."""
-    try:
-        fd = os.open(folder / name, _OPEN)
-    except OSError as e:
-        return None, f"{name} cannot be read ({e.strerror})"
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None, f"{name} is no longer a regular file"
-        fact = (st.st_ino, st.st_size, st.st_mtime_ns)
-        zipped = removing or (known and _TORCH_ZIP.fullmatch(name) is not None)
-        tensors = known and name.endswith(".safetensors")
-        parsed = known and name.endswith(".json")
-        if not (zipped or tensors or parsed):
-            return fact, None  # a tokenizer's text, a file of unknown purpose: kept as it is
-        if st.st_size == 0:
-            return fact, f"{name} is empty (0 bytes): a save that did not finish"
-        if zipped:
-            return fact, _zip_problem(fd, name, st.st_size)
-        if tensors:
-            return fact, _safetensors_problem(fd, name, st.st_size)
-        if st.st_size <= _JSON_LIMIT:
-            try:
-                json.loads(_pread_all(fd, st.st_size))
-            except ValueError:
-                return fact, f"{name} does not parse as JSON: a save that did not finish"
-        return fact, None
-    finally:
-        os.close(fd)
-
-
-def _zip_problem(fd: int, name: str, size: int) -> str | None:
-    try:
-        zipread.read_archive(fd, size)
-    except TornWrite:
-        return f"{name} is not a complete torch zip (torn): a save that did not finish"
-    except NotACheckpoint as e:
-        return f"{name} is not a torch zip ({e.message})"
-    return None
-
-
-def _safetensors_problem(fd: int, name: str, size: int) -> str | None:
-    torn = f"{name} is torn: a save that did not finish"
-    if size < 8:
-        return torn
-    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-    if n > min(size - 8, _HEADER_LIMIT):
-        return torn
-    try:
-        header = json.loads(_pread_all(fd, n, 8))
-    except ValueError:
-        return f"{name} has a header that is not JSON"
-    if not isinstance(header, dict):
-        return f"{name} has a header that is not a table of tensors"
-    end = 0
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        shape = info.get("shape") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and isinstance(shape, list)
-                and all(type(v) is int for v in (*offsets, *shape))
-                and 0 <= offsets[0] <= offsets[1]):
-            return f"{name} has a header entry {key[:60]!r} without valid offsets"
-        dtype = info.get("dtype")
-        width = _DTYPE_BYTES.get(dtype) if isinstance(dtype, str) else None
-        count = 1
-        for dim in shape:
-            count *= dim
-        if width is not None and count * width != offsets[1] - offsets[0]:
-            return f"{name} has a tensor {key[:60]!r} whose bytes do not match its shape"
-        end = max(end, offsets[1])
-    if 8 + n + end != size:
-        return (f"{name} holds {size} bytes but its header says {8 + n + end}: "
-                "a save that did not finish")
+def _kind(name: str, *, removing: bool, known: bool) -> str | None:
+    """What a file is checked to be: the torch zips (removed or kept), the weights, the JSON;
+    a tokenizer's text or a file of unknown purpose is kept as it is, unchecked."""
+    if removing or (known and _TORCH_ZIP.fullmatch(name) is not None):
+        return files.ZIP
+    if known and name.endswith(".safetensors"):
+        return files.SAFETENSORS
+    if known and name.endswith(".json"):
+        return files.JSON
     return None
 
 
@@ -218,14 +125,14 @@ def _missing_shards(folder: Path, keep: tuple[str, ...]) -> str | None:
     """A sharded save's index names every shard: one that is not there was never written."""
     for index in (n for n in keep if n.endswith(".index.json")):
         try:
-            fd = os.open(folder / index, _OPEN)
+            fd = os.open(folder / index, files.OPEN)
             try:
                 size = os.fstat(fd).st_size
-                data = json.loads(_pread_all(fd, size)) if size <= _JSON_LIMIT else {}
+                data = json.loads(files.pread_all(fd, size)) if size <= files.JSON_LIMIT else {}
             finally:
                 os.close(fd)
         except (OSError, ValueError):
-            continue  # _check has said what is wrong with it
+            continue  # files.check has said what is wrong with it
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
             continue
@@ -233,14 +140,3 @@ def _missing_shards(folder: Path, keep: tuple[str, ...]) -> str | None:
             if shard not in keep:
                 return f"{shard}, named in {index}, is missing: a save that did not finish"
     return None
-
-
-def _pread_all(fd: int, size: int, offset: int = 0) -> bytes:
-    chunks, at = [], offset
-    while at < offset + size:
-        chunk = os.pread(fd, min(offset + size - at, 1 << 24), at)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        at += len(chunk)
-    return b"".join(chunks)
