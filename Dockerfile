@@ -24,9 +24,10 @@ RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorc
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY daemon ./daemon
-# The local package, not a PyPI name: its dependencies' ranges live in pyproject.toml.
+# The local package, not a PyPI name: its dependencies' ranges live in pyproject.toml
+# (prometheus_client among them: --metrics-addr needs no extra).
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[metrics]" \
+RUN pip install --no-cache-dir . \
     && rm -rf /src
 
 # A non-root user whose UID/GID match the trainer's, and a /runs it owns for an empty volume.

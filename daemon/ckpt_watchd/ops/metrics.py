@@ -1,8 +1,8 @@
 """Prometheus metrics and the /metrics + /healthz HTTP endpoint (`--metrics-addr`).
 
 It owns the metric names, the daemon's own CollectorRegistry and a small threaded HTTP server.
-It imports prometheus_client only when metrics are turned on (it is the optional `metrics` extra),
-never puts a path in a label, and decides nothing about health: the service passes `health()`.
+It imports prometheus_client (a dependency) only when metrics are turned on, never puts a path
+in a label, and decides nothing about health: the service passes `health()`.
 `python -m ckpt_watchd.ops.metrics probe` is the container HEALTHCHECK (no curl in slim images).
 """
 
