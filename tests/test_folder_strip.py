@@ -807,7 +807,7 @@ def test_cli_strips_a_folder_and_names_its_profile(tmp_path: Path,
     assert lines[1].startswith(f"{acc}: stripped (accelerate) ")
     assert "kept, of unknown purpose: custom_checkpoint_0.pkl" in lines[1]
     assert lines[2].startswith(f"{torn}: incomplete, left as it is (")
-    assert lines[3] == f"{plain}: failed: not a checkpoint folder of a trainer we know"
+    assert lines[3] == f"{plain}: failed: is a directory, but not a checkpoint folder of a trainer we know"
     assert sorted(snapshot(hf)) == ["config.json", "generation_config.json", "model.safetensors",
                                     "trainer_state.json", "training_args.bin"]
     assert "optimizer.bin" not in snapshot(acc) and "custom_checkpoint_0.pkl" in snapshot(acc)

@@ -207,3 +207,20 @@ def test_profiles_never_import_one_another_or_the_dispatcher() -> None:
         assert not imported & forbidden, (stem, imported & forbidden)
     assert set(profiles.values()) >= {"yolov5", "ultralytics", "transformers", "accelerate",
                                       "lightning", "timm", "mmengine", "generic"}
+
+
+def test_a_link_is_a_unit_only_where_the_user_named_it_and_a_fifo_always_is() -> None:
+    """Lightning's `save_last="link"` makes last.ckpt a symlink: not a unit. A FIFO named like a
+    checkpoint is (the worker refuses it with one clear error), and so is anything in a YOLO
+    weights folder named by --files: a link, a FIFO or a folder named last.pt."""
+    lk = common.Look(PurePosixPath(V0), {"epoch=1-step=6.ckpt": F},
+                     other={"last.ckpt": common.SYMLINK, "epoch=0-step=3.ckpt": "fifo"})
+    found = lightning.discover(lk)
+    assert found is not None
+    assert [u.rel for u in found.units] == [f"{V0}/epoch=0-step=3.ckpt", f"{V0}/epoch=1-step=6.ckpt"]
+    yolo = common.Look(PurePosixPath("train/exp/weights"), {"best.pt": D, "notes.txt": F},
+                       settings.DEFAULT_PATTERNS, settings.DEFAULT_FILES,
+                       other={"last.pt": common.SYMLINK, "epoch3.pt": "fifo", "x.lnk": "symlink"})
+    (found_yolo,) = registry.discover(yolo)
+    assert [u.rel.rsplit("/", 1)[1] for u in found_yolo.units] == ["best.pt", "epoch3.pt",
+                                                                    "last.pt"]

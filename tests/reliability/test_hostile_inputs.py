@@ -535,9 +535,10 @@ def test_memo_index_bomb_does_not_take_gigabytes(ckpts: Path, tmp_path: Path) ->
 
 
 @pytest.mark.timeout(120)
-def test_torn_file_of_a_dead_run_is_given_up_after_max_attempts(
+def test_torn_file_of_a_dead_run_is_reported_once_not_looked_at_forever(
         ckpts: Path, root: Path, daemons: Callable[..., Daemon]) -> None:
-    """A truncated last.pt, unchanged for an hour, ends in a final ckpt.failed, not endless looks."""
+    """A truncated last.pt, unchanged for an hour, is reported once as what a kill mid-save
+    left (ckpt.incomplete), left as it is, and not looked at again and again."""
     torn = root / "train" / "killed" / "weights" / "last.pt"
     torn.parent.mkdir(parents=True)
     data = (ckpts / "yolov5.pt").read_bytes()
@@ -547,7 +548,7 @@ def test_torn_file_of_a_dead_run_is_given_up_after_max_attempts(
     run = str(torn.parent.parent)
 
     def settled() -> str | None:
-        if d.events("ckpt.failed", path=str(torn), final=True):
+        if d.events("ckpt.incomplete", path=str(torn)):
             return "given up"
         if len(d.events("run.finished", run=run)) > 4:
             return "looked at again and again"
@@ -556,3 +557,10 @@ def test_torn_file_of_a_dead_run_is_given_up_after_max_attempts(
     assert wait_until(settled, timeout=90, what="a verdict on the torn file",
                       detail=d.stderr_tail) == "given up"
     assert torn.read_bytes() == data[: len(data) // 2]
+    # recorded as given up on (so never looked at again), and shown so
+    proc = subprocess.run([sys.executable, "-m", "ckpt_watchd", "status", "--root", str(root),
+                           "--json"], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert proc.returncode == 0, proc.stderr
+    (report,) = json.loads(proc.stdout)
+    assert [(c["path"], c["status"], c["error_type"]) for c in report["checkpoints"]] == [
+        (str(torn), "given_up", "incomplete")]

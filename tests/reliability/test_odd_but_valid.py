@@ -228,7 +228,9 @@ def test_a_run_folder_named_with_a_newline_forges_no_line_in_status_or_the_hook(
                             capture_output=True, text=True, timeout=60, env=clean_env())
     assert status.returncode == 0, status.stderr
     lines = status.stdout.splitlines()
-    assert len(lines) == len(runs), lines
+    # the table: a header, one row per run, a rule and the totals (no failures to list)
+    assert len(lines) == 1 + len(runs) + 2, lines
+    assert lines[-2].startswith("---") and lines[-1].startswith("total"), lines
     assert not any(ln.startswith(FORGED) for ln in lines), lines
     hooks: list[dict[str, Any]] = [json.loads(ln) for ln in record.read_text().splitlines()]
     assert hooks, "the hook never ran (the plain run was stripped)"

@@ -458,7 +458,7 @@ def _profile(folder: Path, name: str) -> Any:
         found = p.discover(look)
         if found is not None and (found.units or found.incomplete):
             return p
-    raise UnrecognisedLayout("not a checkpoint folder of a trainer we know")
+    raise UnrecognisedLayout("is a directory, but not a checkpoint folder of a trainer we know")
 
 
 def _strip(d: _Folder, plan: common.FolderPlan, profile: str, archiver: Archiver | None) -> None:

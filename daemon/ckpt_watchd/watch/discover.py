@@ -3,9 +3,9 @@
 A run is the trainer's output folder (a YOLO run folder, a transformers `output_dir`, Lightning's
 `version_N`, a timm or MMEngine work folder). `find_runs` walks the root level by level (bounded
 depth, never following a symlink, never entering our own folders or hidden ones) and asks every
-profile, by `registry.discover`, what each folder holds. `probe` looks at one run: every regular
-file in it (so the quiet rule covers everything the trainer writes there), its units with their
-fingerprints, and which names share an inode. Nothing here decides anything or imports torch.
+profile, by `registry.discover`, what each folder holds. `probe` looks at one run: every file in
+it, links and FIFOs by their own facts (so the quiet rule covers everything written there), its
+units with their fingerprints, and which names share an inode. Nothing here decides anything or imports torch.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ DEFAULT_MAX_DEPTH = 6  # below the root: runs/<task>/<name>/weights is 3, hf/<ex
 _RUN_DEPTH = 4  # below a run folder: weights/, checkpoint-N/, lightning's checkpoints/
 _MAX_FILES = 20_000  # a run is looked at through at most this many files
 
-FileStat = tuple[str, str, int, int, int]  # name relative to the run, "f", ino, size, mtime_ns
+# name relative to the run, "f" (regular file) or "o" (link, FIFO, device), ino, size, mtime_ns
+FileStat = tuple[str, str, int, int, int]
 Fingerprint = tuple[int, int, int]
 
 
@@ -42,33 +43,46 @@ class Where:
 
 
 def entries_of(folder: Path) -> dict[str, os.DirEntry[str]] | None:
-    """The folder's regular files and real folders by name (no symlinks, none of our own names)."""
+    """Every entry of the folder by name, none of our own names; nothing followed or opened."""
     try:
         with os.scandir(folder) as it:
-            out = {}
-            for e in it:
-                if e.name.startswith(TEMP_PREFIX):
-                    continue
-                try:
-                    if e.is_dir(follow_symlinks=False) or e.is_file(follow_symlinks=False):
-                        out[e.name] = e
-                except OSError:
-                    continue
-            return out
+            return {e.name: e for e in it if not e.name.startswith(TEMP_PREFIX)}
     except OSError:
         return None
 
 
+def _kind(e: os.DirEntry[str]) -> str | None:
+    """'dir', 'file', or another kind for a Look's `other`; None when it cannot be told."""
+    try:
+        if e.is_symlink():
+            return common.SYMLINK
+        if e.is_dir(follow_symlinks=False):
+            return "dir"
+        if e.is_file(follow_symlinks=False):
+            return "file"
+        mode = e.stat(follow_symlinks=False).st_mode
+    except OSError:
+        return None
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    return "socket" if stat.S_ISSOCK(mode) else "device"
+
+
 def _look(where: Where, folder: Path, entries: dict[str, os.DirEntry[str]]) -> common.Look:
     rel = paths.relative_to(folder, where.root) or PurePosixPath(".")
-    return common.Look(rel, {n: e.is_dir(follow_symlinks=False) for n, e in entries.items()},
-                       where.patterns, where.files)
+    kinds = {n: _kind(e) for n, e in entries.items()}
+    return common.Look(rel, {n: k == "dir" for n, k in kinds.items() if k in ("dir", "file")},
+                       where.patterns, where.files,
+                       {n: k for n, k in kinds.items() if k not in (None, "dir", "file")})
 
 
 def _subfolders(entries: dict[str, os.DirEntry[str]], folder: Path, where: Where
                 ) -> Iterator[Path]:
     for name, e in sorted(entries.items()):
-        if name.startswith(".") or not e.is_dir(follow_symlinks=False):
+        try:
+            if name.startswith(".") or not e.is_dir(follow_symlinks=False):
+                continue
+        except OSError:
             continue
         sub = folder / name
         if sub not in where.skip:
@@ -110,7 +124,7 @@ class UnitState:
 
     unit: common.Unit
     path: Path
-    fingerprint: Fingerprint | None  # None: not there, or not a regular file/folder
+    fingerprint: Fingerprint | None  # None: not there (or a folder unit that is no folder)
     # other names of the same file (hard links) inside the run: stripped with it
     also: tuple[Path, ...] = ()
 
@@ -184,6 +198,12 @@ def probe(run: Path, where: Where) -> Probe:
                     listing.append(item)
                     newest = max(newest, st.st_mtime_ns)
                     inodes.setdefault((st.st_dev, st.st_ino), []).append(path)
+                elif not stat.S_ISDIR(st.st_mode):
+                    # a link, FIFO or device (its own facts, never followed): it settles like a
+                    # file, so one named like a checkpoint gets its one clear error
+                    files.append((str(path.relative_to(run)), "o", st.st_ino, st.st_size,
+                                  st.st_mtime_ns))
+                    newest = max(newest, st.st_mtime_ns)
             per_folder[folder] = listing
             for found in registry.discover(_look(where, folder, entries)):
                 if found.run == run_key:
@@ -201,10 +221,12 @@ def probe(run: Path, where: Where) -> Probe:
         found_st = stats.get(path)
         fp: Fingerprint | None = None
         also: tuple[Path, ...] = ()
-        if found_st is not None and u.kind == common.FILE and stat.S_ISREG(found_st.st_mode):
+        if found_st is not None and u.kind == common.FILE:
+            # (a FIFO, link or folder named like a checkpoint too: the worker refuses it)
             fp = (found_st.st_ino, found_st.st_size, found_st.st_mtime_ns)
-            also = tuple(p for p in inodes.get((found_st.st_dev, found_st.st_ino), [])
-                         if p != path)
+            if stat.S_ISREG(found_st.st_mode):
+                also = tuple(p for p in inodes.get((found_st.st_dev, found_st.st_ino), [])
+                             if p != path)
         elif found_st is not None and u.kind == common.FOLDER and stat.S_ISDIR(found_st.st_mode):
             fp = _folder_fingerprint(_listing_below(path, per_folder), found_st)
         states.append(UnitState(u, path, fp, also))

@@ -21,6 +21,7 @@ from ckpt_watchd.engine.standin import StandIn, class_name
 
 FILE = "file"  # a unit a strip rewrites (a checkpoint file)
 FOLDER = "folder"  # a unit a strip thins (files removed from a checkpoint folder)
+SYMLINK = "symlink"  # a Look's `other` kind that is never a trainer's own file
 
 
 # ------------------------------------------------------------------------------ discovery
@@ -30,21 +31,28 @@ FOLDER = "folder"  # a unit a strip thins (files removed from a checkpoint folde
 class Look:
     """One folder, as discovery sees it: where it is and what it holds. No I/O.
 
-    `entries` maps each name in the folder to True for a folder, False for a regular file;
-    symlinks and other kinds are left out (never followed, never a unit).
+    `entries` maps each name in the folder to True for a folder, False for a regular file.
+    `other` maps the rest (never followed, never opened here) to their kind: "symlink", "fifo",
+    "socket", "device". A FIFO or device named like a checkpoint is still a unit, so that the
+    worker refuses it with one clear error; a symlink is one only where the user named it
+    (`--files`): trainers make links themselves (Lightning's `save_last="link"`).
     """
 
     rel: PurePosixPath  # the folder, relative to the root
     entries: Mapping[str, bool]
     patterns: tuple[str, ...] = ()  # --pattern: YOLO weights folders
     files: tuple[str, ...] = ()  # --files: YOLO checkpoint names (globs)
+    other: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return self.rel.name
 
     def files_named(self, regex: re.Pattern[str]) -> list[str]:
-        return sorted(n for n, is_dir in self.entries.items() if not is_dir and regex.fullmatch(n))
+        """Regular files, and FIFOs or devices, whose names match: a trainer's file names."""
+        names = [n for n, is_dir in self.entries.items() if not is_dir]
+        names += [n for n, kind in self.other.items() if kind != SYMLINK]
+        return sorted(n for n in names if regex.fullmatch(n))
 
     def folders_named(self, regex: re.Pattern[str]) -> list[str]:
         return sorted(n for n, is_dir in self.entries.items() if is_dir and regex.fullmatch(n))

@@ -32,8 +32,10 @@ def discover(look: common.Look) -> common.Found | None:
     if not paths.is_weights_dir(look.rel, look.patterns):
         return None
     units = []
-    for name, is_dir in sorted(look.entries.items()):
-        if is_dir or not any(fnmatch.fnmatchcase(name, g) for g in look.files):
+    # every entry named like a checkpoint: a folder, link or FIFO named last.pt is a unit too,
+    # which the worker refuses with one clear error (never followed, never opened)
+    for name in sorted({*look.entries, *look.other}):
+        if not any(fnmatch.fnmatchcase(name, g) for g in look.files):
             continue
         epoch = _EPOCH.fullmatch(name)
         units.append(common.Unit(
