@@ -2,12 +2,17 @@
 
 Interrupted runs' `last.pt` files are stripped (copies: the corpus is read-only) and compared with
 what each project's own `strip_optimizer` made of them; finished runs must be skipped untouched.
+The same files renamed to save-period snapshots (`epoch<N>.pt`) are stripped by the daemon itself.
 Both sides are read with ckpt-watchd's safe loader. Skips cleanly when the corpus is absent.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,7 @@ import pytest
 from ckpt_watchd.engine import safeload
 from ckpt_watchd.worker import StripJob, inspect_boundary, run_job
 from fixtures import summary
+from fixtures.daemon_io import clean_env, read_audit
 from fixtures.harness import FileState, temp_files
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
@@ -118,3 +124,41 @@ def test_inspect_reports_the_trainer(rel: str) -> None:
     assert (report["profile"], report["stripped"]) == PROFILE_OF[rel]
     if not report["stripped"]:
         assert report["bytes_after_strip"] < report["bytes"] / 3
+
+
+# each trainer's run folder, as it lays it out (both write epoch<N>.pt with --save-period)
+RUN_OF = {"yolov5": "train/v5n_interrupted", "ultralytics": "detect/v8n_interrupted"}
+
+
+@pytest.mark.e2e
+def test_interrupted_checkpoints_as_epochN_snapshots_strip_to_the_references_with_once(
+        tmp_path: Path) -> None:
+    """Each interrupted last.pt (epoch 2) copied to its run as epoch2.pt: `--once` finds the
+    snapshots by the default --files and strips them to what the trainer's strip_optimizer made."""
+    root, when = tmp_path / "runs", time.time() - 3600
+    expected: dict[Path, tuple[str, Path]] = {}
+    for trainer, (src_rel, ref_rel) in INTERRUPTED.items():
+        src, ref = _corpus_file(src_rel), _corpus_file(ref_rel)
+        weights = root / RUN_OF[trainer] / "weights"
+        weights.mkdir(parents=True)
+        shutil.copyfile(src, weights / "epoch2.pt")
+        os.utime(weights / "epoch2.pt", (when, when))  # the run ended an hour ago
+        expected[weights / "epoch2.pt"] = (trainer, ref)
+    config = tmp_path / "empty.toml"  # shields the test from a real /etc/ckpt-watchd/config.toml
+    config.touch()
+    r = subprocess.run([sys.executable, "-m", "ckpt_watchd", "--root", str(root), "--once",
+                        "--settle", "1", "--config", str(config), "--log-format", "json"],
+                       capture_output=True, timeout=300, env=clean_env(), cwd=tmp_path,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-3000:]
+    audit = read_audit(root / ".ckpt-watchd" / "audit.jsonl")
+    stripped = {e["path"]: e for e in audit if e["event"] == "ckpt.stripped"}
+    assert sorted(stripped) == sorted(str(p) for p in expected)
+    assert [e for e in audit if e["event"] in ("ckpt.failed", "daemon.warning")] == []
+    for path, (trainer, ref) in expected.items():
+        assert stripped[str(path)]["profile"] == trainer
+        ours, theirs = (summary.summarize(safeload.load(p).obj) for p in (path, ref))
+        assert ours["keys"] == theirs["keys"]
+        assert summary.module_classes(ours) == summary.module_classes(theirs)
+        assert summary.diff(ours, theirs, ignore=("$['date']",)) == [], path
+        assert temp_files(path.parent) == []

@@ -570,3 +570,67 @@ def test_a_checkpoint_rotated_away_mid_strip_is_vanished_not_failed(world: World
     assert [e["path"] for e in events(audit, "ckpt.vanished")] == [str(wdir / "last.pt")]
     assert events(audit, "ckpt.failed") == []
     assert svc.store.retries_due(10**9) == []
+
+
+def test_a_run_that_finishes_while_a_superseded_epoch_is_stripped_submits_it_once(
+        world: World, tmp_path: Path) -> None:
+    """The run's own strip leaves out a superseded checkpoint still out: no file in two jobs."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    svc, pool, audit = make(world, tmp_path, clock, strip_superseded=True)
+    for epoch in range(3):
+        for name in ("last.pt", "best.pt", f"epoch{epoch}.pt"):
+            world.write(wdir, name, 1_000_000 + 20 * epoch)
+        svc.hints.add_folder(wdir)
+        step(svc, clock, 20.0 * epoch)
+    world.write(wdir, "last.pt", 1_000_000 + 100)
+    svc.hints.add_folder(wdir)
+    step(svc, clock, 100.0)
+    assert sorted(Path(j.path).name for j in pool.jobs) == ["epoch0.pt", "epoch1.pt"]
+    step(svc, clock, 100.0 + 181)  # quiet for 3 x 60 s, both superseded strips still out
+    names = [Path(j.path).name for j in pool.jobs]
+    assert sorted(names) == ["best.pt", "epoch0.pt", "epoch1.pt", "epoch2.pt", "last.pt"]
+    assert events(audit, "run.finished")[0]["files"] == [
+        str(wdir / n) for n in ("best.pt", "epoch2.pt", "last.pt")]
+    while pool.jobs:
+        name = Path(pool.jobs[0].path).name
+        world.write(wdir, name, 1_000_000 + 290)  # what the strip wrote
+        pool.finish(STRIPPED, fingerprint=world.files[wdir][name])
+    step(svc, clock, 300.0)
+    stripped = sorted(Path(e["path"]).name for e in events(audit, "ckpt.stripped"))
+    assert stripped == ["best.pt", "epoch0.pt", "epoch1.pt", "epoch2.pt", "last.pt"]
+    row = svc.store.get_run(str(wdir.parent))
+    assert row is not None and row.state == "stripped"
+
+
+def test_a_kept_run_keeps_its_superseded_checkpoints_too(world: World, tmp_path: Path) -> None:
+    """--strip-superseded never touches a run with the keep marker, however old its epochs."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    world.kept.add(wdir)
+    svc, pool, audit = make(world, tmp_path, clock, strip_superseded=True)
+    for epoch in range(3):
+        for name in ("last.pt", f"epoch{epoch}.pt"):
+            world.write(wdir, name, 1_000_000 + 20 * epoch)
+        svc.hints.add_folder(wdir)
+        step(svc, clock, 20.0 * epoch)
+    world.write(wdir, "last.pt", 1_000_000 + 100)
+    svc.hints.add_folder(wdir)
+    step(svc, clock, 100.0)
+    assert pool.jobs == [] and events(audit, "ckpt.superseded") == []
+
+
+def test_a_keep_marker_added_while_a_superseded_epoch_settles_stops_its_strip(
+        world: World, tmp_path: Path) -> None:
+    """The marker is looked for again when a superseded checkpoint comes due, not only when seen."""
+    clock = [0.0]
+    wdir = world.add_run("train/exp")
+    svc, pool, audit = make(world, tmp_path, clock, strip_superseded=True)
+    for epoch in range(2):
+        for name in ("last.pt", f"epoch{epoch}.pt"):
+            world.write(wdir, name, 1_000_000 + 20 * epoch)
+        svc.hints.add_folder(wdir)
+        step(svc, clock, 20.0 * epoch)
+    world.kept.add(wdir)  # touched between two of the trainer's saves: no event of its own
+    step(svc, clock, 61.0)  # epoch0 has been quiet for --settle
+    assert pool.jobs == [] and events(audit, "ckpt.superseded") == []

@@ -317,8 +317,8 @@ class Service:
     def _observe_superseded(self, run: Path, p: discover.Probe, now: float, wall: float) -> None:
         """Let each superseded checkpoint of a run that still trains settle on its own."""
         view = self.tracker.view(str(run), now)
-        if view is None or view.phase != SETTLING or run in self.work:
-            return  # not training (finished runs are stripped whole), or not watched
+        if p.kept or view is None or view.phase != SETTLING or run in self.work:
+            return  # kept, not training (finished runs are stripped whole), or not watched
         rel = {str(u.path): str(u.path.relative_to(self.s.root)) for u in p.units}
         members = [series.Member(rel[str(u.path)], u.unit.series, u.unit.index,
                                  u.unit.rewritten,
@@ -346,7 +346,9 @@ class Service:
         if run is None or run in self.work:
             self.units.forget(path)
             return
-        u = next((u for u in self._probe(run).units if str(u.path) == path), None)
+        p = self._probe(run)
+        # a kept run is never touched (its marker may have appeared since the unit was seen)
+        u = None if p.kept else next((u for u in p.units if str(u.path) == path), None)
         if u is None or u.fingerprint is None:
             self.units.forget(path)
             self._unit_run.pop(path, None)
@@ -397,6 +399,8 @@ class Service:
         for u in self._units_to_strip(p):
             path, fp = str(u.path), u.fingerprint
             assert fp is not None
+            if path in self._unit_work:
+                continue  # being stripped as superseded right now: its own outcome records it
             if self.store.already_done(path, fp, dry_run=self.s.dry_run) or \
                     self.store.given_up_on(path, fp):
                 continue
@@ -618,10 +622,14 @@ class Service:
         if work.again:
             self.tracker.look_again(str(run_dir), now)
             return
-        self.tracker.finished(str(run_dir), self._probe(run_dir).obs.key)
+        p = self._probe(run_dir)
+        self.tracker.finished(str(run_dir), p.obs.key)
         if self.s.dry_run:
             return
-        failed = [o for o in work.outcomes if o.status == FAILED and o.error_type != "torn"]
+        # a file the trainer deleted meanwhile was audited ckpt.vanished: no failure of the run
+        gone = {o.path for o in work.outcomes} - {str(u.path) for u in p.units}
+        failed = [o for o in work.outcomes if o.status == FAILED and o.error_type != "torn"
+                  and not (o.error_type in _VANISH_KINDS and o.path in gone)]
         stripped = [o for o in work.outcomes if o.status == STRIPPED]
         run = str(run_dir)
         self.store.upsert_run(run, state="failed" if failed else "stripped", now=wall,

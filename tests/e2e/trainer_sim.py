@@ -3,6 +3,8 @@ inode, like torch.save) every epoch and best.pt every few, logging each finished
 
 Training never imports torch (bytes come from --source files that `make-checkpoints` writes once);
 `--park FILE` makes it stop between epochs so a test can SIGKILL it with no file half written.
+`--save-period N` also writes the `epoch<N>.pt` snapshots both YOLO trainers write; `--steps FIFO`
+makes it wait between epochs for the test's commands (`next`, `rm NAME`) instead of its interval.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 
 def write_in_place(path: Path, data: bytes, chunk: int, chunk_delay: float) -> None:
@@ -25,6 +28,20 @@ def write_in_place(path: Path, data: bytes, chunk: int, chunk_delay: float) -> N
             f.flush()
             if chunk_delay:
                 time.sleep(chunk_delay)  # a slow disk: readers see the file torn for a while
+
+
+def follow_steps(steps: TextIO, weights: Path, status: TextIO) -> bool:
+    """The test's commands between two epochs; False when it closed its end (the run ends)."""
+    for line in steps:
+        command, _, name = line.strip().partition(" ")
+        if command == "next":
+            return True
+        if command == "rm":  # the trainer's own rotation of an old checkpoint
+            (weights / name).unlink()
+            status.write(json.dumps({"removed": name}) + "\n")
+        else:
+            raise SystemExit(f"trainer_sim: unknown step command {line!r}")
+    return False
 
 
 def make_checkpoints(out: Path) -> None:
@@ -118,6 +135,13 @@ def main() -> int:
     p.add_argument("--slow-epoch", type=int, default=-1,
                    help="this epoch takes --slow-factor times --interval (irregular epochs)")
     p.add_argument("--slow-factor", type=float, default=5.0)
+    p.add_argument("--save-period", type=int, default=0,
+                   help="also write weights/epoch<E>.pt every N epochs, after last.pt and best.pt, "
+                   "as YOLOv5 --save-period and Ultralytics save_period do (0: never)")
+    p.add_argument("--steps", type=Path, default=None,
+                   help="a FIFO: between epochs read commands from it instead of sleeping "
+                   "--interval: 'next' starts the next epoch, 'rm NAME' deletes weights/NAME (a "
+                   "rotation, like save_total_limit); end of file ends the run")
     p.add_argument("--tensorboard", action="store_true",
                    help="hold an events.out.tfevents.* file open for writing in the run folder "
                    "for the whole run, as YOLOv5's SummaryWriter does")
@@ -131,6 +155,8 @@ def main() -> int:
     status = open(a.status, "a", buffering=1)  # noqa: SIM115  (open for the whole run)
     events = (open(run_dir / f"events.out.tfevents.{int(time.time())}.sim.{os.getpid()}.0", "ab")  # noqa: SIM115
               if a.tensorboard else None)
+    # opened before the first epoch: the test holds the other end for the whole run
+    steps = open(a.steps) if a.steps is not None else None  # noqa: SIM115
     epoch = 0
     while a.epochs == 0 or epoch < a.epochs:
         started = time.monotonic()
@@ -141,6 +167,9 @@ def main() -> int:
         if a.best_every and epoch % a.best_every == 0:
             write_in_place(a.weights / "best.pt", data, a.chunk, a.chunk_delay)
             written.append("best.pt")
+        if a.save_period and epoch % a.save_period == 0:
+            write_in_place(a.weights / f"epoch{epoch}.pt", data, a.chunk, a.chunk_delay)
+            written.append(f"epoch{epoch}.pt")
         with open(run_dir / "results.csv", "a") as f:
             f.write(f"{epoch},0.1\n")
         if events is not None:
@@ -154,10 +183,16 @@ def main() -> int:
             status.write(json.dumps({"parked": True}) + "\n")
             while True:
                 signal.pause()
+        if steps is not None:
+            if (a.epochs and epoch >= a.epochs) or not follow_steps(steps, a.weights, status):
+                break
+            continue
         # the next epoch's compute time: the simulated trainer's cadence, not a synchronisation
         length = a.interval * (a.slow_factor if epoch == a.slow_epoch else 1.0)
         time.sleep(max(0.0, length - (time.monotonic() - started)))
     status.close()
+    if steps is not None:
+        steps.close()
     if events is not None:
         events.close()
     return 0

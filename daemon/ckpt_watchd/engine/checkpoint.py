@@ -166,9 +166,11 @@ def _strip_file(
             raise
         finally:
             syncing.wait()  # before anything renames, closes or removes the temp file
-        _check_unchanged(path, facts)
         atomic.copy_ownership(tmp, facts.uid, facts.gid, facts.mode)
         sha_after = atomic.sha256_path(tmp) if hashes else None
+        # after hashing the copy (seconds for a big one): a checkpoint the trainer deleted
+        # meanwhile (a rotation) must not be brought back by os.replace as our stripped copy
+        _check_unchanged(path, facts)
         if before_replace is not None and dest == path:
             before_replace(path, facts)
         atomic.replace(tmp, dest)
