@@ -18,6 +18,7 @@ import os
 import queue
 import signal
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -742,7 +743,7 @@ class Service:
         runs = self.reconcile(now, wall)
         probes = {run: self._probe(run) for run in runs}
         if not self.s.dry_run:
-            for p in probes.values():
+            for p in [*probes.values(), *self._runs_no_longer_found(runs)]:
                 self._finish_folder_strips(p)
                 for folder in p.folders:
                     for tmp in atomic.remove_stale_temps(folder):
@@ -770,17 +771,40 @@ class Service:
                     self.warn(f"--pattern {pattern!r} matched no weights folder with "
                               f"checkpoints under {self.s.root}")
 
+    def _runs_no_longer_found(self, found: set[Path]) -> list[discover.Probe]:
+        """Runs of ours (the state store's) that discovery does not find now, as they are on disk.
+
+        An accelerate project whose state folders are all stripped has no unit left, so it is no
+        run; but a kill of the last strip there may have left that folder's journal, or our claim.
+        """
+        out = []
+        for row in self.store.runs():
+            run = Path(row.run)
+            rel = paths.relative_to(run, self.s.root)
+            if run in found or rel is None or paths.is_excluded(rel, self.s.exclude):
+                continue
+            try:
+                if not stat.S_ISDIR(os.lstat(run).st_mode):
+                    continue
+            except OSError:
+                continue  # deleted meanwhile
+            out.append(self._probe(run))
+        return out
+
     def _finish_folder_strips(self, p: discover.Probe) -> None:
-        """A folder strip a kill interrupted is rolled back or finished (its journal says which)."""
-        units = [u for u in p.units if u.kind == common.FOLDER]
-        if not units:
-            return
+        """A folder strip a kill interrupted is rolled back or finished (its journal says which).
+
+        Every unit folder, and every other folder of the run holding a journal: an accelerate
+        strip killed after it unlinked the file discovery keys on leaves a folder that is no unit.
+        """
         from ckpt_watchd.engine import folder
 
-        for u in units:
-            done = folder.replay(u.path)
+        todo = {u.path for u in p.units if u.kind == common.FOLDER}
+        todo.update(f for f in p.folders if os.path.lexists(f / folder.JOURNAL))
+        for path in sorted(todo):
+            done = folder.replay(path)
             if done is not None:
-                log.info("finished an interrupted folder strip", path=str(u.path), result=done)
+                log.info("finished an interrupted folder strip", path=str(path), result=done)
 
     def _clear_abandoned_claims(self, folder: Path, wall: float) -> None:
         """Claims a killed daemon left on files it had finished: take each over and release it.
