@@ -55,7 +55,7 @@ def cw_phases(path: Path) -> list[float]:
             marks.append(time.perf_counter())
             atomic.finish_write(writer)
             marks.append(time.perf_counter())
-            checkpoint.verify(stripped, tmp, written)
+            checkpoint.verify(stripped, tmp, written, source=path)
             marks.append(time.perf_counter())
             checkpoint._check_unchanged(path, loaded.facts)
             atomic.copy_ownership(tmp, loaded.facts.uid, loaded.facts.gid, loaded.facts.mode)

@@ -187,16 +187,16 @@ def _written(path: Path) -> tuple[dict[str, Any], Path, Any, Any]:
 
 def test_the_output_may_name_only_what_the_source_named(checkpoint: Callable[..., Path]) -> None:
     """An output naming a global (or role) the source's pickle did not is refused by verify."""
-    stripped, out, written, loaded = _written(checkpoint("yolov5"))
+    stripped, out, written, loaded = _written(path := checkpoint("yolov5"))
     allowed = loaded.scan.uses | engine.WRITER_VOCABULARY
-    engine.verify(stripped, out, written, allowed=allowed)  # as written: accepted
+    engine.verify(stripped, out, written, source=path, allowed=allowed)  # as written: accepted
     fewer = frozenset(u for u in allowed if u[0] != "models.yolo.DetectionModel")
     with pytest.raises(VerifyFailed, match=r"models\.yolo\.DetectionModel"):
-        engine.verify(stripped, out, written, allowed=fewer)
+        engine.verify(stripped, out, written, source=path, allowed=fewer)
     as_a_call = (allowed - {("models.yolo.Detect", policy.NEW)}) | {
         ("models.yolo.Detect", policy.CALL)}
     with pytest.raises(VerifyFailed, match="instantiated with NEWOBJ"):
-        engine.verify(stripped, out, written, allowed=as_a_call)
+        engine.verify(stripped, out, written, source=path, allowed=as_a_call)
 
 
 def test_every_strip_of_the_fixtures_passes_its_own_output_scan(
@@ -205,5 +205,5 @@ def test_every_strip_of_the_fixtures_passes_its_own_output_scan(
     for kind in ("yolov5", "yolov5_fp32", "ultralytics", "generic", "lightning"):
         path = checkpoint(kind, directory=Path(str(checkpoint(kind)) + ".d"))
         stripped, out, written, loaded = _written(path)
-        engine.verify(stripped, out, written,
+        engine.verify(stripped, out, written, source=path,
                       allowed=loaded.scan.uses | engine.WRITER_VOCABULARY)

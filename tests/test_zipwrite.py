@@ -77,9 +77,9 @@ def _torch_load(path: Path, mmap: bool) -> Any:
 @pytest.mark.parametrize("kind", ["yolov5", "yolov5_fp32", "ultralytics", "generic", "lightning"])
 def test_written_file_reads_back_in_torch_as_the_stripped_tensors(
         checkpoint: Callable[..., Path], kind: str) -> None:
-    stripped, out, written, _ = _strip_to_temp(checkpoint(kind))
+    stripped, out, written, _ = _strip_to_temp(path := checkpoint(kind))
     assert written is not None
-    engine.verify(stripped, out, written)
+    engine.verify(stripped, out, written, source=path)
     for mmap in (False, True):
         back = _torch_load(out, mmap)
         assert list(back) == list(stripped)
@@ -133,9 +133,10 @@ def test_same_checkpoint_as_the_torch_save_fallback(checkpoint: Callable[..., Pa
     """Where zipwrite is not available torch.save writes instead; both give the same checkpoint."""
     _, fast, written, _ = _strip_to_temp(checkpoint("yolov5", directory=tmp_path / "a"))
     monkeypatch.setattr(zipwrite, "available", lambda: False)
-    stripped2, slow, written2, _ = _strip_to_temp(checkpoint("yolov5", directory=tmp_path / "b"))
+    stripped2, slow, written2, _ = _strip_to_temp(
+        path := checkpoint("yolov5", directory=tmp_path / "b"))
     assert written is not None and written2 is None
-    engine.verify(stripped2, slow, written2)
+    engine.verify(stripped2, slow, written2, source=path)
     a, b = _torch_load(fast, mmap=False), _torch_load(slow, mmap=False)
     assert list(a) == list(b)
     assert [k for k in a if k not in ("date",)] == [k for k in b if k not in ("date",)]
@@ -154,9 +155,9 @@ def test_copy_without_copy_file_range(checkpoint: Callable[..., Path],
         raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
 
     monkeypatch.setattr(zipwrite.os, "copy_file_range", refuse)
-    stripped, out, written, _ = _strip_to_temp(checkpoint("yolov5"))
+    stripped, out, written, _ = _strip_to_temp(path := checkpoint("yolov5"))
     assert calls and written is not None and written.copied_bytes > 0
-    engine.verify(stripped, out, written)
+    engine.verify(stripped, out, written, source=path)
     assert all(torch.equal(x, y) for x, y in zip(_tensors(stripped),
                                                   _tensors(_torch_load(out, False)), strict=True))
 
@@ -170,23 +171,23 @@ def _flip(path: Path, offset: int) -> None:
 
 
 def test_verify_catches_a_wrong_byte_in_a_copied_record(checkpoint: Callable[..., Path]) -> None:
-    stripped, out, written, _ = _strip_to_temp(checkpoint("yolov5"))
+    stripped, out, written, _ = _strip_to_temp(path := checkpoint("yolov5"))
     assert written is not None
     header = written.copied_at[0][0]
     nlen, elen = struct.unpack_from("<HH", out.read_bytes(), header + 26)
     _flip(out, header + 30 + nlen + elen)  # first byte of its data
     with pytest.raises(VerifyFailed, match="copied from the source reads back"):
-        engine.verify(stripped, out, written)
+        engine.verify(stripped, out, written, source=path)
 
 
 def test_verify_catches_a_wrong_byte_in_the_pickle(checkpoint: Callable[..., Path]) -> None:
-    stripped, out, written, _ = _strip_to_temp(checkpoint("yolov5"))
+    stripped, out, written, _ = _strip_to_temp(path := checkpoint("yolov5"))
     with zipfile.ZipFile(out) as zf:
         info = next(i for i in zf.infolist() if i.filename.endswith("/data.pkl"))
     nlen, elen = struct.unpack_from("<HH", out.read_bytes(), info.header_offset + 26)
     _flip(out, info.header_offset + 30 + nlen + elen + info.file_size // 2)
     with pytest.raises(VerifyFailed):
-        engine.verify(stripped, out, written)
+        engine.verify(stripped, out, written, source=path)
 
 
 def test_a_source_rewritten_before_the_save_is_not_copied(

@@ -12,7 +12,6 @@ Imports torch: only worker processes and one-shot commands load it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import gc
 import os
@@ -21,7 +20,7 @@ import threading
 import time
 import types
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -158,7 +157,8 @@ def _strip_file(
                 forgetting = atomic.forget_cached_pages(fd, facts.size, written.copied_from)
         syncing = atomic.BackgroundFsync(writer)
         try:
-            verify(stripped, tmp, written, allowed=loaded.scan.uses | WRITER_VOCABULARY)
+            verify(stripped, tmp, written, allowed=loaded.scan.uses | WRITER_VOCABULARY,
+                   source=path)
         except VerifyFailed:
             # the source is mmapped: a trainer rewriting it also changes the tensors we compare
             # against, so a mismatch is first of all a sign that the source changed
@@ -266,7 +266,7 @@ def same_keys(a: list[Any], b: list[Any]) -> bool:
 
 
 def verify(expected: dict[Any, Any], written: Path, layout: zipwrite.Written | None = None, *,
-           allowed: Uses | None = None) -> None:
+           allowed: Uses | None = None, source: Path | None = None) -> None:
     """Read the new file back and check it is the stripped checkpoint, every byte as meant.
 
     The written file's container is parsed by the same strict reader as a source, and its pickle
@@ -278,8 +278,9 @@ def verify(expected: dict[Any, Any], written: Path, layout: zipwrite.Written | N
     For a file `zipwrite` wrote (`layout`): its pickle must be, byte for byte, the pickle that was
     written, naming the storages in the order, dtypes and sizes that were saved; records written
     from memory must match the CRC-32 computed while writing; records copied from the source are
-    read whole and compared with the bytes torch mapped from the source, and with their CRC-32.
-    No weight is loaded. For a file `torch.save` wrote (the fallback where `zipwrite` is not
+    read whole and compared with the source's records (read from `source`, by `pread`: the pages
+    torch mapped are never touched, so the verify adds no resident memory), and with their
+    CRC-32. No weight is loaded. For a file `torch.save` wrote (the fallback where `zipwrite` is not
     available) each tensor's dtype, shape, strides, offset, requires_grad and storage size is
     compared with `expected`, and every record is read against its CRC-32.
     """
@@ -309,7 +310,7 @@ def verify(expected: dict[Any, Any], written: Path, layout: zipwrite.Written | N
     if structure.storages != layout.storages:
         raise VerifyFailed(f"the written file names {len(structure.storages)} storages, "
                            f"{len(layout.storages)} were written, or their sizes differ")
-    _check_records(written, structure.archive, layout.from_memory, layout.copied_at)
+    _check_records(written, structure.archive, layout.from_memory, layout.copied_at, source)
 
 
 def _printable(key: Any) -> str:
@@ -332,10 +333,16 @@ _CHUNK = 1 << 20
 
 
 def _check_records(written: Path, archive: zipread.Archive, from_memory: list[str],
-                   copied_at: list[tuple[int, int, Any]] = ()) -> None:  # type: ignore[assignment]
+                   copied_at: Sequence[tuple[int, int, zipread.Record]] = (),
+                   source_path: Path | None = None) -> None:
     """Read back what was written from memory (its CRC-32) and what was copied (all of it)."""
+    if copied_at and source_path is None:
+        raise ValueError("verify needs the source to compare the copied records with")
     fd = os.open(written, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    src = -1
     try:
+        if source_path is not None and copied_at:
+            src, _facts = source.open_regular(source_path)
         for name in from_memory:
             rec = archive.by_name.get(name)
             if rec is None:
@@ -345,15 +352,15 @@ def _check_records(written: Path, archive: zipread.Archive, from_memory: list[st
             except CheckpointError as e:
                 raise VerifyFailed(f"the written file fails its checksums: {e.message}") from None
         by_header = {r.header_offset: r for r in archive.records}
-        for header, size, storage in copied_at:
+        for header, size, src_rec in copied_at:
             rec = by_header.get(header)
-            if rec is None or rec.size != size:
+            if rec is None or rec.size != size or src_rec.size != size:
                 raise VerifyFailed(f"no zip record where one was copied (offset {header})")
-            ptr, crc = storage.data_ptr(), 0
+            crc = 0
             for start in range(0, size, _CHUNK):
                 n = min(_CHUNK, size - start)
                 got = os.pread(fd, n, rec.data_offset + start)
-                if got != ctypes.string_at(ptr + start, n):
+                if got != os.pread(src, n, src_rec.data_offset + start):
                     raise VerifyFailed("a weight record copied from the source reads back with "
                                        f"other bytes (at offset {rec.data_offset + start})")
                 crc = zlib.crc32(got, crc)
@@ -364,6 +371,8 @@ def _check_records(written: Path, archive: zipread.Archive, from_memory: list[st
         raise VerifyFailed(f"the written file cannot be read back: {e}") from None
     finally:
         os.close(fd)
+        if src >= 0:
+            os.close(src)
 
 
 def _layout(t: torch.Tensor) -> tuple[Any, ...]:

@@ -69,8 +69,9 @@ class Written:
 
     # records written from memory (their CRC-32 is checked by reading them back)
     from_memory: list[str] = field(default_factory=list)
-    # records copied from the source: (local header offset in the new file, size, kept storage)
-    copied_at: list[tuple[int, int, Any]] = field(default_factory=list)
+    # records copied from the source: (local header offset in the new file, size, the source's
+    # record it was copied from)
+    copied_at: list[tuple[int, int, Record]] = field(default_factory=list)
     # the source ranges (offset, length) that were copied
     copied_from: list[tuple[int, int]] = field(default_factory=list)
     # the data.pkl written, and each storage as the pickle first names it: (key, dtype, bytes)
@@ -448,4 +449,4 @@ class _Copier:
             for rec in run.records:
                 out_header = run.out_start + rec.header_offset - run.src_start
                 self._zw.add_copied(rec, out_header)
-                written.copied_at.append((out_header, rec.size, sources[by_ptr[rec]][1]))
+                written.copied_at.append((out_header, rec.size, rec))
