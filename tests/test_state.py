@@ -306,6 +306,8 @@ def test_status_json(runs_root: Path, capsys: pytest.CaptureFixture[str]) -> Non
         ("train/c", "failed", None, 0), ("train/d", "kept", None, 0)]
     assert reports[0]["path"] == str(runs_root / "train" / "a")
     assert reports[2]["checkpoints"][0]["error_type"] == "unsafe"
+    assert {c["profile"] for c in reports[1]["checkpoints"]} == {"yolov5"}  # per checkpoint
+    assert reports[1]["trainer"] == "yolov5"
     assert reports[1]["since"] == "1970-01-01T00:16:40+00:00"
 
 

@@ -104,7 +104,8 @@ def run_report(run: RunRow, ckpts: list[CkptRow], root: Path, now: float) -> dic
         "cadence_s": run.cadence_s,
         "since": _iso(run.changed_at),
         "checkpoints": [
-            {"path": c.path, "status": c.status, "bytes_before": c.bytes_before,
+            {"path": c.path, "profile": c.profile, "status": c.status,
+             "bytes_before": c.bytes_before,
              "bytes_after": c.bytes_after, "attempts": c.attempts, "error_type": c.error_type,
              "error": c.error, "next_retry_at": _iso(c.next_retry_at),
              "next_retry_at_s": c.next_retry_at}
