@@ -180,6 +180,20 @@ def test_verify_catches_a_wrong_byte_in_a_copied_record(checkpoint: Callable[...
         engine.verify(stripped, out, written, source=path)
 
 
+def test_verify_refuses_to_pass_on_a_source_record_that_fails_its_crc(
+        checkpoint: Callable[..., Path]) -> None:
+    """A kept record whose bytes no longer match the source's own CRC-32 (bit rot, a torn
+    rewrite) is copied faithfully, and then refused: the stripped file would carry it on."""
+    _, out, written, _ = _strip_to_temp(path := checkpoint("yolov5"))
+    assert written is not None and written.copied_at
+    out.unlink()
+    _flip(path, written.copied_at[0][2].data_offset)  # the first kept record, in the source
+    stripped, out, written, _ = _strip_to_temp(path)
+    assert written is not None
+    with pytest.raises(VerifyFailed, match="fails its CRC-32 check"):
+        engine.verify(stripped, out, written, source=path)
+
+
 def test_verify_catches_a_wrong_byte_in_the_pickle(checkpoint: Callable[..., Path]) -> None:
     stripped, out, written, _ = _strip_to_temp(path := checkpoint("yolov5"))
     with zipfile.ZipFile(out) as zf:
