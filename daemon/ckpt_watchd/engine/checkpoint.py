@@ -16,7 +16,6 @@ import datetime
 import gc
 import os
 import pickle
-import queue
 import threading
 import time
 import types
@@ -330,33 +329,7 @@ def _compare_tensors(expected: Any, back: Any) -> None:
             raise VerifyFailed(f"tensor #{i} differs after the write: {_layout(y)} != {_layout(x)}")
 
 
-_CHUNK = 1 << 20
-
-
-class _Crcs(threading.Thread):
-    """The copied records' CRC-32s, summed in a thread beside the comparison that feeds it
-    (zlib releases the GIL): reading back a 4.5 GB record set takes one pass, not two."""
-
-    def __init__(self) -> None:
-        super().__init__(name="ckpt-watchd-crc", daemon=True)
-        self.chunks: queue.Queue[tuple[int, bytes] | None] = queue.Queue(maxsize=8)
-        self.crcs: dict[int, int] = {}
-
-    def run(self) -> None:
-        failed = False
-        while (item := self.chunks.get()) is not None:
-            if failed:
-                continue  # keep taking chunks: the feeder must never block on a full queue
-            i, chunk = item
-            try:
-                self.crcs[i] = zlib.crc32(chunk, self.crcs.get(i, 0))
-            except MemoryError:
-                failed, self.crcs = True, {}  # no sum: every CRC check then fails
-
-    def done(self) -> dict[int, int]:
-        self.chunks.put(None)
-        self.join()
-        return self.crcs
+_CHUNK = 256 << 10  # L2-sized: compared, then CRC-ed, while still in the cache
 
 
 def _check_records(written: Path, archive: zipread.Archive, from_memory: list[str],
@@ -379,25 +352,19 @@ def _check_records(written: Path, archive: zipread.Archive, from_memory: list[st
             except CheckpointError as e:
                 raise VerifyFailed(f"the written file fails its checksums: {e.message}") from None
         by_header = {r.header_offset: r for r in archive.records}
-        back = [by_header.get(header) for header, _size, _src in copied_at]
-        crcs = _Crcs()
-        crcs.start()
-        try:
-            for i, ((header, size, src_rec), rec) in enumerate(zip(copied_at, back, strict=True)):
-                if rec is None or rec.size != size or src_rec.size != size:
-                    raise VerifyFailed(f"no zip record where one was copied (offset {header})")
-                for start in range(0, size, _CHUNK):
-                    n = min(_CHUNK, size - start)
-                    got = os.pread(fd, n, rec.data_offset + start)
-                    if got != os.pread(src, n, src_rec.data_offset + start):
-                        raise VerifyFailed("a weight record copied from the source reads back "
-                                           f"with other bytes (at offset {rec.data_offset + start})")
-                    crcs.chunks.put((i, got))
-        finally:
-            summed = crcs.done()
-        for i, rec in enumerate(back):
-            assert rec is not None
-            if summed.get(i, 0) != rec.crc:
+        for header, size, src_rec in copied_at:
+            rec = by_header.get(header)
+            if rec is None or rec.size != size or src_rec.size != size:
+                raise VerifyFailed(f"no zip record where one was copied (offset {header})")
+            crc = 0
+            for start in range(0, size, _CHUNK):
+                n = min(_CHUNK, size - start)
+                got = os.pread(fd, n, rec.data_offset + start)
+                if got != os.pread(src, n, src_rec.data_offset + start):
+                    raise VerifyFailed("a weight record copied from the source reads back with "
+                                       f"other bytes (at offset {rec.data_offset + start})")
+                crc = zlib.crc32(got, crc)
+            if crc != rec.crc:
                 raise VerifyFailed(f"the source's record {rec.name!r} fails its CRC-32 check; "
                                    "it was not copied")
     except OSError as e:
