@@ -8,6 +8,7 @@ when any byte of it is wrong. The `torch.save` fallback (a torch without the ser
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import errno
 import gc
@@ -25,7 +26,9 @@ import torch
 
 from ckpt_watchd.engine import atomic, safeload, strip, zipwrite
 from ckpt_watchd.engine import checkpoint as engine
-from ckpt_watchd.errors import SourceChanged, VerifyFailed
+from ckpt_watchd.errors import NotACheckpoint, SourceChanged, VerifyFailed
+from ckpt_watchd.worker import StripJob, run_job
+from fixtures.harness import temp_files
 
 NOW = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)
 
@@ -180,17 +183,32 @@ def test_verify_catches_a_wrong_byte_in_a_copied_record(checkpoint: Callable[...
         engine.verify(stripped, out, written, source=path)
 
 
-def test_verify_refuses_to_pass_on_a_source_record_that_fails_its_crc(
+def test_a_kept_source_record_that_fails_its_crc_is_refused_by_the_save(
         checkpoint: Callable[..., Path]) -> None:
     """A kept record whose bytes no longer match the source's own CRC-32 (bit rot, a torn
-    rewrite) is copied faithfully, and then refused: the stripped file would carry it on."""
+    rewrite) is refused while it is copied: the stripped file would carry it on. Through
+    strip_file, the source is left as it was."""
     _, out, written, _ = _strip_to_temp(path := checkpoint("yolov5"))
     assert written is not None and written.copied_at
     out.unlink()
     _flip(path, written.copied_at[0][2].data_offset)  # the first kept record, in the source
-    stripped, out, written, _ = _strip_to_temp(path)
+    with pytest.raises(NotACheckpoint, match="fails its CRC-32 check"):
+        _strip_to_temp(path)
+    out.unlink()
+    before = path.read_bytes()
+    outcome = run_job(StripJob(path=str(path)))  # the worker boundary: an error as a value
+    assert (outcome.status, outcome.error_type) == ("failed", "not_a_checkpoint"), outcome
+    assert "fails its CRC-32 check" in (outcome.error or "")
+    assert path.read_bytes() == before and temp_files(path.parent) == []
+
+
+def test_verify_catches_a_copy_with_another_crc_in_the_central_directory(
+        checkpoint: Callable[..., Path]) -> None:
+    stripped, out, written, _ = _strip_to_temp(path := checkpoint("yolov5"))
     assert written is not None
-    with pytest.raises(VerifyFailed, match="fails its CRC-32 check"):
+    header, size, rec = written.copied_at[0]
+    written.copied_at[0] = (header, size, dataclasses.replace(rec, crc=rec.crc ^ 1))
+    with pytest.raises(VerifyFailed, match="another CRC-32"):
         engine.verify(stripped, out, written, source=path)
 
 

@@ -7,7 +7,8 @@ storage alignment, `.format_version`, `.storage_alignment`, `byteorder`, `versio
 already) is, in the source, a run of consecutive records: each run is copied verbatim, local
 headers and all, by the kernel (`copy_file_range`, a reflink where the filesystem has them) in a
 thread while the pickling runs, and keeps its record names, so the pickle names those storages by
-their source keys and the central directory reuses the source's CRC-32s. Everything else is
+their source keys and the central directory reuses the source's CRC-32s (each checked against
+the source's bytes while the kernel copies them). Everything else is
 written from memory. Not byte-identical to `torch.save` (record order, names, no data descriptors
 of our own), so `torch.utils.serialization.config.load.calculate_storage_offsets`, which assumes
 torch's exact layout, must stay off (its default). Zip64 where a size, an offset or the record
@@ -48,6 +49,7 @@ from ckpt_watchd.engine.zipread import (
     SIG_END64_LOCATOR,
     SIG_LOCAL,
     Record,
+    check_crc,
 )
 from ckpt_watchd.errors import SourceChanged
 
@@ -277,6 +279,12 @@ def save(obj: Any, tensors: Iterable[torch.Tensor], out_fd: int, src_fd: int | N
         zw.add(".data/serialization_id",
                "".join(secrets.choice("0123456789") for _ in range(40)).encode())
         if copier is not None:
+            # while the kernel copies them (on another core): each kept record must match its
+            # own CRC-32, which the new central directory takes over; the verify then compares
+            # the copies with the source in full
+            assert src_fd is not None
+            for rec in sorted(set(kept.values()), key=lambda r: r.index):
+                check_crc(src_fd, rec)
             copier.finish(by_ptr={r: ptr for ptr, r in kept.items()}, sources=sources)
         written = zw.finish()
         written.pickle = data
