@@ -347,7 +347,11 @@ def _check_records(written: Path, archive: zipread.Archive, from_memory: list[st
     src = -1
     try:
         if source_path is not None and copied_at:
-            src, _facts = source.open_regular(source_path)
+            try:
+                src, _facts = source.open_regular(source_path)
+            except CheckpointError:
+                raise SourceChanged("changed while stripping (the file was removed or replaced "
+                                    "before its copied records were compared)") from None
         for name in from_memory:
             rec = archive.by_name.get(name)
             if rec is None:
