@@ -26,6 +26,7 @@ from ckpt_watchd.records.state import StateStore
 from ckpt_watchd.service import Service
 from ckpt_watchd.settings import Settings
 from ckpt_watchd.worker import StripJob, run_job
+from fixtures.fake_pool import FakePool
 from fixtures.harness import temp_files
 
 Rotate = Callable[[], None]
@@ -114,31 +115,8 @@ def test_a_file_deleted_mid_strip_fails_changed_leaves_no_temp_and_stays_deleted
 # ------------------------------------------------------------------------------ the service
 
 
-class InlinePool:
+class InlinePool(FakePool):
     """Collects jobs; `run_all` strips them with `run_job` in this process, as a worker would."""
-
-    def __init__(self, on_done: Callable[[StripJob, Outcome], None]) -> None:
-        self.on_done = on_done
-        self.jobs: list[StripJob] = []
-        self.restarts = 0
-
-    def submit(self, job: StripJob) -> None:
-        self.jobs.append(job)
-
-    def pending(self) -> int:
-        return len(self.jobs)
-
-    def queue_depth(self) -> int:
-        return len(self.jobs)
-
-    def alive(self) -> bool:
-        return True
-
-    def prewarm(self) -> None:
-        pass
-
-    def shutdown(self, drain_timeout: float) -> list[StripJob]:
-        return []
 
     def run_all(self) -> list[str]:
         names = []

@@ -20,45 +20,7 @@ from ckpt_watchd.service import Service
 from ckpt_watchd.settings import DEFAULT_FILES, DEFAULT_PATTERNS, Settings
 from ckpt_watchd.watch.discover import Probe, UnitState
 from ckpt_watchd.worker import StripJob
-
-
-class FakePool:
-    """Records submitted jobs; the test decides how and when each one ends."""
-
-    def __init__(self, on_done: Callable[[StripJob, Outcome], None]) -> None:
-        self.on_done = on_done
-        self.jobs: list[StripJob] = []
-        self.restarts = 0
-        self.stopped = False
-        self.warmed = 0
-
-    def submit(self, job: StripJob) -> None:
-        self.jobs.append(job)
-
-    def pending(self) -> int:
-        return len(self.jobs)
-
-    def queue_depth(self) -> int:
-        return len(self.jobs)
-
-    def alive(self) -> bool:
-        return True
-
-    def prewarm(self) -> None:
-        self.warmed += 1
-
-    def shutdown(self, drain_timeout: float) -> list[StripJob]:
-        self.stopped = True
-        return []
-
-    def finish(self, status: str = STRIPPED, **kw: Any) -> StripJob:
-        job = self.jobs.pop(0)
-        fields: dict[str, Any] = {"bytes_before": 1000, "bytes_after": 250, "profile": "yolov5"}
-        if status == FAILED:
-            fields = {"error_type": kw.pop("error_type", "write"), "error": kw.pop("error", "boom")}
-        fields.update(kw)
-        self.on_done(job, Outcome(path=job.path, status=status, **fields))
-        return job
+from fixtures.fake_pool import FakePool
 
 
 class World:
