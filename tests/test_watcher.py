@@ -82,7 +82,8 @@ def test_a_weights_folder_without_checkpoints_is_no_run(tmp_path: Path) -> None:
 
 
 def test_probe_reports_every_file_the_units_and_the_keep_marker(tmp_path: Path) -> None:
-    """probe() stats every file of the run; a folder named last.pt is no unit, never followed."""
+    """probe() stats every file of the run. A folder named last.pt is a unit (the worker refuses
+    it with one clear error, tests/reliability/test_hostile_inputs.py) but no file of the run."""
     root = tmp_path / "runs"
     run = root / "train/a"
     wdir = run / "weights"
@@ -95,7 +96,8 @@ def test_probe_reports_every_file_the_units_and_the_keep_marker(tmp_path: Path) 
     assert sorted((f[0], f[3]) for f in p.files) == [
         ("results.csv", 6), ("weights/best.pt", 10), ("weights/epoch3.pt", 12)]
     units = {u.path.name: u for u in p.units}
-    assert sorted(units) == ["best.pt", "epoch3.pt"]
+    assert sorted(units) == ["best.pt", "epoch3.pt", "last.pt"]
+    assert units["last.pt"].fingerprint is not None and units["last.pt"].also == ()
     assert units["best.pt"].unit.rewritten and not units["epoch3.pt"].unit.rewritten
     assert (units["epoch3.pt"].unit.series, units["epoch3.pt"].unit.index) == ("epoch", (3,))
     assert units["best.pt"].fingerprint is not None and units["best.pt"].fingerprint[1] == 10
