@@ -99,7 +99,7 @@ def _kill_daemon_repeatedly(root: Path, templates: Templates, daemons: Daemons, 
         wait_until(stripping, 60, f"restart {kill} to start writing", interval=0.005,
                    detail=d.stderr_tail)
         assert not stale & set(ledger.temps()), "the start-up scan left the last kill's temps"
-        time.sleep(rng.uniform(0.0, 0.3))  # fault injection: where the kill lands is random
+        time.sleep(rng.uniform(0.0, 0.8))  # fault injection: where the kill lands is random
         kills_with_temp += bool(set(ledger.temps()) - stale)
         d.kill9()
         for path in ledger.original:
