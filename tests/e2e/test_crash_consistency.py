@@ -109,6 +109,19 @@ def _kill_daemon_repeatedly(root: Path, templates: Templates, daemons: Daemons, 
     wait_until(lambda: ledger.unstripped() == 0, 120,
                "the restarted daemon to strip every remaining checkpoint", interval=0.2,
                detail=final.stderr_tail)
+    runs_of = {str(w.parent) for w in ledger.weights}
+
+    def recorded() -> bool:
+        # the last replace is on disk before its outcome is in the state store: wait for that
+        out = subprocess.run([sys.executable, "-m", "ckpt_watchd", "status", "--root", str(root),
+                              "--json"], capture_output=True, timeout=60, env=clean_env())
+        if out.returncode != 0:
+            return False
+        states = {r["path"]: r["state"] for r in json.loads(out.stdout)}
+        return all(states.get(r) == "stripped" for r in runs_of)
+
+    wait_until(recorded, 120, "the state store to record every run as stripped", interval=0.5,
+               detail=final.stderr_tail)
     assert final.terminate() == 0, final.stderr_tail()
 
     leftovers = [p for w in ledger.weights for p in w.iterdir() if p.name.startswith(TEMP_PREFIX)]
